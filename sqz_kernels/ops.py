@@ -1,0 +1,90 @@
+"""Typed Python wrappers over torch.ops.sqz_kernels.*, with fake (meta) kernels and autograd.
+
+The C++ side defines every schema once (csrc/registration.cpp); this file adds what torch needs to
+trace (register_fake) and differentiate (register_autograd) the ops. Minimum torch: 2.4.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the .so, which registers the ops)
+
+__all__ = ["fused_fire", "fire_reference", "cpu_isa", "set_cpu_isa"]
+
+
+def fused_fire(
+    x: Tensor,
+    w_sq: Tensor,
+    b_sq: Optional[Tensor],
+    w_e1: Tensor,
+    b_e1: Optional[Tensor],
+    w_e3: Tensor,
+    b_e3: Optional[Tensor],
+) -> Tensor:
+    """relu(cat(conv1x1(s, w_e1)+b_e1, conv3x3(s, w_e3, pad=1)+b_e3)) with s = relu(conv1x1(x, w_sq)+b_sq),
+    computed by one fused kernel. The output has x's memory format (NCHW or channels_last)."""
+    return torch.ops.sqz_kernels.fused_fire(x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3)
+
+
+def fire_reference(x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3) -> Tensor:
+    """The eager definition the fused kernels must equal (ATen convs + cat)."""
+    s = F.relu(F.conv2d(x, w_sq, b_sq))
+    return torch.cat([F.relu(F.conv2d(s, w_e1, b_e1)), F.relu(F.conv2d(s, w_e3, b_e3, padding=1))], 1)
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use now: "avx512", "avx2" or "scalar"."""
+    return torch.ops.sqz_kernels.cpu_isa()
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Restrict the CPU kernels to `isa` ("avx512", "avx2", "scalar"); "best" restores the default.
+    A wider ISA than this build or CPU supports raises RuntimeError."""
+    torch.ops.sqz_kernels.set_cpu_isa(isa)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.register_fake("sqz_kernels::fused_fire")
+def _fused_fire_fake(x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3):
+    torch._check(x.dim() == 4, lambda: "fused_fire: x must be 4-D [N, C, H, W]")
+    n, _, h, w = x.shape
+    out = x.new_empty((n, w_e1.shape[0] + w_e3.shape[0], h, w))
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3 = inputs
+    ctx.has_bias = (b_sq is not None, b_e1 is not None, b_e3 is not None)
+    ctx.save_for_backward(x, w_sq, b_sq, w_e1, b_e1, w_e3, output)
+
+
+def _backward(ctx, grad_out):
+    # The backward recomputes the squeeze activation with ATen ops (it is not kept by the fused
+    # forward) and then follows the chain rule of the eager Fire exactly.
+    x, w_sq, b_sq, w_e1, b_e1, w_e3, out = ctx.saved_tensors
+    e1 = w_e1.shape[0]
+    s = F.relu(F.conv2d(x, w_sq, b_sq))
+    g = grad_out * (out > 0).to(grad_out.dtype)
+    g1, g3 = g[:, :e1], g[:, e1:]
+    nn_grad = torch.nn.grad
+    gs = nn_grad.conv2d_input(s.shape, w_e1, g1) + nn_grad.conv2d_input(s.shape, w_e3, g3, padding=1)
+    gw_e1 = nn_grad.conv2d_weight(s, w_e1.shape, g1)
+    gw_e3 = nn_grad.conv2d_weight(s, w_e3.shape, g3, padding=1)
+    gs = gs * (s > 0).to(gs.dtype)
+    gx = nn_grad.conv2d_input(x.shape, w_sq, gs)
+    gw_sq = nn_grad.conv2d_weight(x, w_sq.shape, gs)
+    hb_sq, hb_e1, hb_e3 = ctx.has_bias
+    gb_sq = gs.sum((0, 2, 3)) if hb_sq else None
+    gb_e1 = g1.sum((0, 2, 3)) if hb_e1 else None
+    gb_e3 = g3.sum((0, 2, 3)) if hb_e3 else None
+    return gx, gw_sq, gb_sq, gw_e1, gb_e1, gw_e3, gb_e3
+
+
+torch.library.register_autograd("sqz_kernels::fused_fire", _backward, setup_context=_setup_context)
