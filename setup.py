@@ -83,9 +83,9 @@ if use_cuda:
 
 march = os.environ.get("SQZ_CPU_ARCH", "native")
 # Release objects: no -g (Python's default CFLAGS carry it and make the .so ten times larger).
-cxx_flags = ["-O3", f"-march={march}", "-std=c++17", "-g0", "-fno-math-errno"]
+cxx_flags = ["-O3", f"-march={march}", "-g0", "-fno-math-errno"]  # -std: torch picks (C++20 for torch >= 2.10)
 # No --use_fast_math: the fp32 path must stay IEEE-exact FFMA. -Xptxas=-v reports registers/spills.
-nvcc_flags = ["-O3", "-std=c++17", "-Xptxas=-v", "-lineinfo"]
+nvcc_flags = ["-O3", "-Xptxas=-v", "-lineinfo"]
 
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(HERE, "csrc")]

@@ -1,0 +1,298 @@
+// CPU fused Fire: squeeze 1x1 + ReLU -> (expand 1x1 + ReLU || expand 3x3 + ReLU) -> concat, in
+// one at::parallel_for region and without any ATen compute.
+//
+// Work item = (image, band of output rows, group of expand channels). For a band [r0, r1) the
+// squeeze rows [r0-1, r1+1) go into a thread-local, zero-bordered buffer laid out CHW with a
+// padded row stride Wp = W + 2 (columns 0 and W+1, and rows outside the image, stay 0: a zero-
+// padded conv sees 0 there, not relu(bias)). Both expands then read that buffer as *flat* vectors
+// of positions q = row*Wp + col: the 3x3 taps are the constant offsets ty*Wp + tx, so the inner
+// loop has no branches; lanes that land on the two padding columns are computed and discarded.
+// Results go straight into the output's channel slices [0, E1) and [E1, E1+E3) through
+// precomputed store segments (NCHW) or scatter indices (channels_last), so there is no concat.
+//
+// channels_last input is transposed band by band into a CHW staging buffer first, because the
+// micro-kernel needs pixel-contiguous vectors.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/conv_microkernel.h"
+#include "cpu/isa.h"
+#include "cpu/simd.h"
+#include "fire.h"
+
+namespace sqz {
+namespace {
+
+using simd::Mask;
+
+// Where the valid lanes of one flat vector go: lane l of the vector is stored at base + l.
+struct Segment {
+  int64_t base;
+  Mask mask;
+};
+
+// Store map for a run of flat source positions q in [0, span) with row stride src_w, of which
+// columns < valid_w are real pixels; the pixel at (row, col) goes to dest_off + row*dest_w + col.
+struct VecMap {
+  int64_t nvec = 0;
+  std::vector<int32_t> first;  // segments of vector v: [first[v], first[v+1])
+  std::vector<Segment> segs;
+  std::vector<int32_t> index;  // per lane: destination index * index_scale (for scatter)
+  std::vector<Mask> valid;     // per vector: lanes that hold real pixels
+
+  void build(int L, int64_t span, int64_t src_w, int64_t valid_w, int64_t dest_w, int64_t dest_off,
+             int64_t index_scale) {
+    nvec = (span + L - 1) / L;
+    first.assign(nvec + 1, 0);
+    segs.clear();
+    index.assign(nvec * L, 0);
+    valid.assign(nvec, 0);
+    for (int64_t v = 0; v < nvec; ++v) {
+      first[v] = (int32_t)segs.size();
+      for (int l = 0; l < L; ++l) {
+        const int64_t q = v * L + l;
+        if (q >= span) break;
+        const int64_t row = q / src_w, col = q % src_w;
+        if (col >= valid_w) continue;
+        const int64_t dest = dest_off + row * dest_w + col;
+        const int64_t base = dest - l;
+        if ((int64_t)segs.size() > first[v] && segs.back().base == base)
+          segs.back().mask |= Mask(1) << l;
+        else
+          segs.push_back({base, Mask(1) << l});
+        index[v * L + l] = (int32_t)(dest * index_scale);
+        valid[v] |= Mask(1) << l;
+      }
+    }
+    first[nvec] = (int32_t)segs.size();
+  }
+};
+
+struct FirePlan {
+  FireGeometry g;
+  bool channels_last;
+  int64_t band_h, nbands, ngroups;
+  int64_t Wp, plane;  // squeeze buffer: row stride and channel-plane stride
+};
+
+// Bands keep the per-thread buffers (squeeze + staging) within a share of L2; then enough work
+// items for all threads, preferring a count that divides evenly among them. Splitting expand
+// channels (which recomputes the squeeze) is the last resort, for maps too small to band.
+FirePlan make_plan(const FireGeometry& g, bool channels_last, int64_t elem_size) {
+  FirePlan p;
+  p.g = g;
+  p.channels_last = channels_last;
+  p.Wp = g.width + 2;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_bytes =
+      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0));
+  const int64_t budget = 384 * 1024;
+  int64_t nb = 1;
+  while (nb < g.height && row_bytes * ((g.height + nb - 1) / nb + 2) > budget) ++nb;
+  if (g.batch * nb < threads) nb = std::min<int64_t>(g.height, (threads + g.batch - 1) / g.batch);
+  for (int64_t extra = 0; extra < threads; ++extra) {
+    const int64_t cand = nb + extra;
+    if (cand > g.height) break;
+    if ((g.batch * cand) % threads == 0) {
+      // Accept a few more bands for balance only while the halo overhead stays small.
+      if ((g.height + cand - 1) / cand >= 4 || extra == 0) nb = cand;
+      break;
+    }
+  }
+  p.band_h = (g.height + nb - 1) / nb;
+  p.nbands = (g.height + p.band_h - 1) / p.band_h;
+  p.ngroups = 1;
+  if (g.batch * p.nbands < threads) {
+    const int64_t min_ch = std::min(g.expand1, g.expand3);
+    p.ngroups = std::max<int64_t>(1, std::min((threads + g.batch * p.nbands - 1) / (g.batch * p.nbands),
+                                              min_ch / 8));
+  }
+  p.plane = (p.band_h + 2) * p.Wp;
+  return p;
+}
+
+template <class V>
+struct FireKernel {
+  using T = typename V::T;
+  static constexpr int L = V::L;
+
+  const FirePlan& P;
+  const T *x, *w_sq, *b_sq, *w_e1, *b_e1, *w_e3, *b_e3;
+  T* out;
+  int64_t a_tap3[9], b_tap3[9], zero_tap = 0, b_tap_center;
+
+  FireKernel(const FirePlan& plan, const T* x_, const T* wsq, const T* bsq, const T* we1,
+             const T* be1, const T* we3, const T* be3, T* out_)
+      : P(plan), x(x_), w_sq(wsq), b_sq(bsq), w_e1(we1), b_e1(be1), w_e3(we3), b_e3(be3), out(out_) {
+    for (int t = 0; t < 9; ++t) {
+      a_tap3[t] = t;  // w_e3[e][s][ty][tx]: the tap is the innermost index
+      b_tap3[t] = (t / 3) * P.Wp + (t % 3);
+    }
+    b_tap_center = P.Wp + 1;
+  }
+
+  // Thread-local scratch, reused by all items a thread runs in one call.
+  struct Scratch {
+    std::vector<T> buf, stage;
+    VecMap sq_map, ex_map;
+  };
+
+  void run_item(int64_t item, Scratch& s) const {
+    const FireGeometry& g = P.g;
+    const int64_t H = g.height, W = g.width, C = g.in_channels, S = g.squeeze;
+    const int64_t E1 = g.expand1, E3 = g.expand3, Cout = g.out_channels(), HW = H * W;
+    const int64_t group = item % P.ngroups, band = (item / P.ngroups) % P.nbands;
+    const int64_t n = item / (P.ngroups * P.nbands);
+    const int64_t r0 = band * P.band_h, r1 = std::min(H, r0 + P.band_h), rows = r1 - r0;
+    const int64_t rs = std::max<int64_t>(0, r0 - 1), re = std::min(H, r1 + 1);
+    const int64_t Wp = P.Wp, plane = P.plane;
+    T* buf = s.buf.data();
+
+    // 1. Squeeze rows [rs, re) into buffer rows (r - r0 + 1), columns (c + 1).
+    const T* src;
+    int64_t src_k, src_first;
+    if (P.channels_last) {
+      const int64_t npix = (re - rs) * W;
+      const T* xn = x + (n * HW + rs * W) * C;
+      T* st = s.stage.data();
+      for (int64_t p = 0; p < npix; ++p)
+        for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
+      src = st;
+      src_k = npix;
+      src_first = rs;  // staged row 0 is image row rs
+    } else {
+      src = x + n * C * HW + rs * W;
+      src_k = HW;
+      src_first = rs;
+    }
+    const int64_t sq_span = (re - rs) * W;
+    s.sq_map.build(L, sq_span, W, W, Wp, (src_first - r0 + 1) * Wp + 1, 1);
+    if (r0 == 0)
+      for (int64_t c = 0; c < S; ++c) std::fill(buf + c * plane, buf + c * plane + Wp, T(0));
+    if (r1 == H)
+      for (int64_t c = 0; c < S; ++c)
+        std::fill(buf + c * plane + (rows + 1) * Wp, buf + c * plane + (rows + 2) * Wp, T(0));
+    {
+      ConvPass<T> p{w_sq, C, 1, &zero_tap, src, src_k, &zero_tap, C, sq_span, b_sq};
+      const VecMap& m = s.sq_map;
+      conv_pass<V, 1>(p, 0, S, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+        T* dst = buf + ch * plane;
+        for (int32_t k = m.first[v]; k < m.first[v + 1]; ++k) val.store(dst + m.segs[k].base, m.segs[k].mask);
+      });
+    }
+
+    // 2. Both expands over flat positions q = row*Wp + col of the band's output rows.
+    const int64_t ex_span = rows * Wp;
+    T* out_n = out + n * Cout * HW;
+    if (P.channels_last)
+      s.ex_map.build(L, ex_span, Wp, W, W, r0 * W, Cout);
+    else
+      s.ex_map.build(L, ex_span, Wp, W, W, r0 * W, 1);
+    const VecMap& m = s.ex_map;
+    auto run_expand = [&](auto taps, const T* w, int64_t a_m, int64_t a_k, const int64_t* a_tap,
+                          const int64_t* b_tap, const T* bias, int64_t E, int64_t ch_off) {
+      constexpr int TAPS = decltype(taps)::value;
+      const int64_t per = (E + P.ngroups - 1) / P.ngroups;
+      const int64_t e_begin = std::min(E, group * per), e_end = std::min(E, e_begin + per);
+      if (e_begin >= e_end) return;
+      ConvPass<T> p{w, a_m, a_k, a_tap, buf, plane, b_tap, S, ex_span + 2 * Wp + 2, bias};
+      if (P.channels_last) {
+        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+          val.scatter(out_n + ch_off + ch, m.index.data() + v * L, m.valid[v]);
+        });
+      } else {
+        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+          T* dst = out_n + (ch_off + ch) * HW;
+          for (int32_t k = m.first[v]; k < m.first[v + 1]; ++k) val.store(dst + m.segs[k].base, m.segs[k].mask);
+        });
+      }
+    };
+    run_expand(std::integral_constant<int, 1>{}, w_e1, S, 1, &zero_tap, &b_tap_center, b_e1, E1, 0);
+    run_expand(std::integral_constant<int, 9>{}, w_e3, S * 9, 9, a_tap3, b_tap3, b_e3, E3, E1);
+  }
+
+  void run() const {
+    const FireGeometry& g = P.g;
+    const int64_t items = g.batch * P.nbands * P.ngroups;
+    // Slack after the last plane: flat vectors of the expands read up to L + 2 positions past it.
+    const int64_t buf_len = g.squeeze * P.plane + 2 * L + 8;
+    const int64_t stage_len = P.channels_last ? g.in_channels * (P.band_h + 2) * g.width : 0;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      Scratch s;
+      s.buf.assign(buf_len, T(0));  // zero once: the padding columns are never written
+      s.stage.resize(stage_len);
+      for (int64_t it = begin; it < end; ++it) run_item(it, s);
+    });
+  }
+};
+
+template <class V>
+void launch(const FirePlan& plan, const at::Tensor& x, const at::Tensor& w_sq,
+            const c10::optional<at::Tensor>& b_sq, const at::Tensor& w_e1,
+            const c10::optional<at::Tensor>& b_e1, const at::Tensor& w_e3,
+            const c10::optional<at::Tensor>& b_e3, at::Tensor& out) {
+  using T = typename V::T;
+  auto ptr = [](const c10::optional<at::Tensor>& b) -> const T* {
+    return b.has_value() ? b->data_ptr<T>() : nullptr;
+  };
+  FireKernel<V> k(plan, x.data_ptr<T>(), w_sq.data_ptr<T>(), ptr(b_sq), w_e1.data_ptr<T>(),
+                  ptr(b_e1), w_e3.data_ptr<T>(), ptr(b_e3), out.data_ptr<T>());
+  k.run();
+}
+
+c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& b) {
+  if (!b.has_value()) return b;
+  return b->contiguous();
+}
+
+at::Tensor fused_fire_cpu(const at::Tensor& x_in, const at::Tensor& w_sq_in,
+                          const c10::optional<at::Tensor>& b_sq_in, const at::Tensor& w_e1_in,
+                          const c10::optional<at::Tensor>& b_e1_in, const at::Tensor& w_e3_in,
+                          const c10::optional<at::Tensor>& b_e3_in) {
+  const FireGeometry g = check_fire_args(x_in, w_sq_in, b_sq_in, w_e1_in, b_e1_in, w_e3_in, b_e3_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "fused_fire (CPU): x must be a CPU tensor, got ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "fused_fire (CPU): x must be float32 or float64, got ", x_in.scalar_type());
+  // Output format follows the input (same rule as the fake kernel in sqz_kernels/ops.py).
+  const bool channels_last =
+      !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.batch, g.out_channels(), g.height, g.width}, x_in.options(), fmt);
+  if (g.batch == 0) return out;
+  TORCH_CHECK(!channels_last || g.height * g.width * g.out_channels() < (int64_t(1) << 31),
+              "fused_fire (CPU): channels_last images larger than 2^31 elements are not supported");
+
+  const at::Tensor x = x_in.contiguous(fmt);  // a no-op unless x is non-contiguous
+  const at::Tensor w_sq = w_sq_in.contiguous(), w_e1 = w_e1_in.contiguous(), w_e3 = w_e3_in.contiguous();
+  const auto b_sq = contiguous_opt(b_sq_in), b_e1 = contiguous_opt(b_e1_in), b_e3 = contiguous_opt(b_e3_in);
+  const FirePlan plan = make_plan(g, channels_last, x.element_size());
+
+  if (x.scalar_type() == at::kDouble) {
+    launch<simd::ArrVec<double, 8>>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
+    return out;
+  }
+  switch (active_isa()) {
+#if defined(__AVX512F__)
+    case Isa::Avx512:
+      launch<simd::Avx512F>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
+      break;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    case Isa::Avx2:
+      launch<simd::Avx2F>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
+      break;
+#endif
+    default:
+      launch<simd::ArrVec<float, 4>>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sqz
+
+TORCH_LIBRARY_IMPL(sqz_kernels, CPU, m) { m.impl("fused_fire", &sqz::fused_fire_cpu); }
