@@ -488,7 +488,7 @@ struct ExpandSel<float> {
 
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fused_fire_kernel(const FireParams p) {
+__global__ void __launch_bounds__(kThreads, UsesTensorCores<T>::value ? 2 : 1) fused_fire_kernel(const FireParams p) {
   using D = typename Elem<T>::dev;
   // sq tile type: fp32 for the FFMA path, the input dtype for tensor cores.
   using SqT = typename std::conditional<UsesTensorCores<T>::value, D, float>::type;
