@@ -53,12 +53,21 @@ def _reference(x, params):
     return fire_reference(x.detach().double().cpu(), *p64)
 
 
-def _poison_allocator(nbytes):
-    """Fill the caching allocator's free memory with NaN so that an output element the kernel
-    never writes is NaN (the output reuses that block)."""
-    n = max(1, nbytes // 4 + 1024)
-    t = torch.full((n,), float("nan"), device="cuda", dtype=torch.float32)
-    del t
+def _poisoned_call(fn):
+    """Call fn() (which allocates and returns one fresh output tensor) so that every element of
+    the returned output was NaN before the kernel ran: a first call tells which caching-allocator
+    block the output gets; that block is NaN-filled and freed, and the second call, with the
+    allocator in the same state, gets it back (checked by pointer, so the poisoning is real)."""
+    for _ in range(3):
+        y = fn()
+        ptr = y.data_ptr()
+        y.fill_(float("nan"))  # same stream as the kernel: ordered before it
+        del y
+        out = fn()
+        if out.data_ptr() == ptr:
+            return out
+        del out
+    raise AssertionError("could not place the output on a NaN-poisoned block")
 
 
 def _check(out, ref, dtype, what=""):
@@ -72,9 +81,7 @@ def _check(out, ref, dtype, what=""):
 
 
 def _run(x, params):
-    out_bytes = x.shape[0] * (params[2].shape[0] + params[4].shape[0]) * x.shape[2] * x.shape[3] * 4
-    _poison_allocator(out_bytes)
-    return sk.ops.fused_fire(x, *params)
+    return _poisoned_call(lambda: sk.ops.fused_fire(x, *params))
 
 
 ALL_FIRES = sorted({(c, s, e1, e3, hw) for v in FIRE_CONFIGS.values() for (c, s, e1, e3, hw) in v})
@@ -172,13 +179,19 @@ def test_channels_last_squeezenet_fire(dtype):
 
 
 def test_no_nan_in_poisoned_output_all_dtypes():
-    """Explicit NaN-poisoning check: the output must be written everywhere."""
+    """Explicit NaN-poisoning check: the output must be written everywhere (and the poisoning
+    itself must work: a NaN-filled block is really what the output gets)."""
     for dtype in DTYPES:
         params = _params(17, 5, 9, 11, dtype)
         x = _input(3, 17, 6, 21, dtype)
-        _poison_allocator(64 << 20)
-        out = sk.ops.fused_fire(x, *params)
+        out = _run(x, params)
         assert not torch.isnan(out).any()
+        y = sk.ops.fused_fire(x, *params)
+        y.fill_(float("nan"))
+        ptr = y.data_ptr()
+        del y
+        z = torch.empty_like(out)  # same size: gets the poisoned block back
+        assert z.data_ptr() == ptr and torch.isnan(z).all(), "poisoning does not reach the output"
 
 
 def test_cpu_and_cuda_agree():
@@ -260,6 +273,7 @@ def test_cuda_graph_capture_and_replay():
         for _ in range(3):
             new_x = _input(1, 64, 13, 13, dtype)
             static_x.copy_(new_x)
+            static_y.fill_(float("nan"))  # every replay must write the whole output
             g.replay()
             torch.cuda.synchronize()
             _check(static_y, _reference(new_x, params), dtype, "graph replay")
@@ -272,6 +286,7 @@ def test_cuda_graph_capture_cold():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = sk.ops.fused_fire(x, *params)
+    y.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
     _check(y, _reference(x, params), torch.bfloat16)
@@ -290,19 +305,28 @@ def test_non_default_stream():
     _check(y, ref, torch.float16, "side stream")
 
 
-def test_one_kernel_launch_per_call():
+def _device_events(fn):
+    """Names of the device-side activities (kernels, memcpy, memset) recorded while fn runs."""
     from torch.profiler import ProfilerActivity, profile
-    params = _params(64, 16, 64, 64, torch.float16)
-    x = _input(1, 64, 55, 55, torch.float16)
-    sk.ops.fused_fire(x, *params)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        sk.ops.fused_fire(x, *params)
+        fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    names = [e.name for e in kernels]
-    # memset/memcpy are not kernels; there must be none of them either
-    assert len(kernels) == 1, names
+    return [e.name for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and "synchron" not in e.name.lower()]  # CUDA_SYNC records are not launches
+
+
+def test_one_kernel_launch_per_call():
+    params = _params(64, 16, 64, 64, torch.float16)
+    x = _input(1, 64, 55, 55, torch.float16)  # setup (and its kernels) outside the profiled region
+    sk.ops.fused_fire(x, *params)  # warm-up: first-call host work is not what we count
+    y = torch.empty(1, device="cuda")
+    if not _device_events(lambda: y.add_(1.0)):  # control: does the profiler see kernels here?
+        pytest.skip("torch.profiler records no CUDA kernels on this machine (CUPTI unavailable?)")
+    names = _device_events(lambda: sk.ops.fused_fire(x, *params))
+    # memset/memcpy count too: there must be none of them either
+    assert len(names) == 1, names
     assert "fused_fire" in names[0], names
 
 
