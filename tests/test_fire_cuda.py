@@ -314,7 +314,8 @@ def _device_events(fn):
         torch.cuda.synchronize()
     return [e.name for e in prof.events()
             if e.device_type == torch.autograd.DeviceType.CUDA
-            and "synchron" not in e.name.lower()]  # CUDA_SYNC records are not launches
+            # CUDA_SYNC records ("Context Sync", "Stream Wait Event", ...) are not launches
+            and not any(w in e.name.lower() for w in ("sync", "wait event"))]
 
 
 def test_one_kernel_launch_per_call():
