@@ -16,9 +16,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/conv_microkernel.h"
+#include "cpu/fire_transpose.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "fire.h"
@@ -129,6 +131,12 @@ struct FireKernel {
   const FirePlan& P;
   const T *x, *w_sq, *b_sq, *w_e1, *b_e1, *w_e3, *b_e3;
   T* out;
+#if defined(__AVX512F__)
+  // channels_last moves data between HWC and the CHW buffers with 16x16 register transposes.
+  static constexpr bool kTiles = std::is_same_v<V, simd::Avx512F>;
+#else
+  static constexpr bool kTiles = false;
+#endif
   // Zeroed floats after the last squeeze plane, so that flat vectors never need a mask there.
   static constexpr int64_t kSlack = 4 * L + 16;
 
@@ -138,7 +146,8 @@ struct FireKernel {
 
   // Thread-local scratch, reused by all items a thread runs in one call.
   struct Scratch {
-    std::vector<T> buf, stage;
+    std::vector<T> buf, stage, otile;
+    int64_t otile_stride = 0;
     int64_t buf_key[3] = {-1, -1, -1};
     VecMap sq_map, ex_map;
   };
@@ -161,8 +170,11 @@ struct FireKernel {
       const int64_t npix = (re - rs) * W;
       const T* xn = x + (n * HW + rs * W) * C;
       T* st = s.stage.data();
-      for (int64_t p = 0; p < npix; ++p)
-        for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
+      if constexpr (kTiles)
+        transpose_2d(xn, C, npix, C, st, npix);
+      else
+        for (int64_t p = 0; p < npix; ++p)
+          for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
       src = st;
       src_k = npix;
       src_first = rs;  // staged row 0 is image row rs
@@ -203,6 +215,26 @@ struct FireKernel {
       // zero slack after the last plane instead of masking.
       const int64_t off = TAPS == 9 ? 0 : Wp + 1;
       ConvPass<T> p{w, S * TAPS, buf + off, plane, Wp, S, plane + kSlack - off, bias};
+      if constexpr (kTiles) {
+        if (P.channels_last) {
+          // 16 channels at a time into a CHW tile (full vectors, padding lanes included), then
+          // 16x16 register transposes into the output's pixel rows.
+          T* tile = s.otile.data();
+          const int64_t ts = s.otile_stride;
+          for (int64_t e0 = e_begin; e0 < e_end; e0 += 16) {
+            const int64_t e1 = std::min(e_end, e0 + 16);
+            conv_pass<V, TAPS>(p, e0, e1, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+              val.storeu(tile + (ch - e0) * ts + v * L);
+            });
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c0 = 0; c0 < W; c0 += 16)
+                transpose_tile16(tile + r * Wp + c0, ts, (int)(e1 - e0),
+                                 (int)std::min<int64_t>(16, W - c0),
+                                 out_band + (r * W + c0) * Cout + ch_off + e0, Cout);
+          }
+          return;
+        }
+      }
       if (P.channels_last) {
         conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
           val.scatter(out_band + ch_off + ch, m.index.data() + v * L, m.valid[v]);
@@ -235,6 +267,11 @@ struct FireKernel {
         std::copy(key, key + 3, s.buf_key);
       }
       if ((int64_t)s.stage.size() < stage_len) s.stage.resize(stage_len);
+      if (kTiles && P.channels_last) {
+        // Flat vectors of a band: rows*Wp rounded up to whole blocks of NV vectors.
+        s.otile_stride = (P.band_h * P.Wp + (Blocking<V>::NV + 1) * L + 15) / 16 * 16;
+        if ((int64_t)s.otile.size() < 16 * s.otile_stride) s.otile.resize(16 * s.otile_stride);
+      }
       for (int64_t it = begin; it < end; ++it) run_item(it, s);
     });
   }
