@@ -92,6 +92,18 @@ SQZ_ALWAYS_INLINE void conv_block(const ConvPass<typename V::T>& p, int64_t m0, 
   const T* Bk = p.B + v0 * L;
   const int64_t b_k = p.b_k, b_row = p.b_row;
   for (int64_t k = 0; k < p.K; ++k) {
+    // B planes are far apart (b_k), too far for the hardware prefetchers: fetch the lines of a
+    // later plane now (the next one for 3x3, whose iteration is long; PD ahead for 1x1).
+    {
+      constexpr int PD = TAPS == 9 ? 1 : 6;
+      const T* pf = Bk + PD * b_k;
+      SQZ_UNROLL
+      for (int ty = 0; ty < KS; ++ty) {
+        SQZ_UNROLL
+        for (int j = 0; j < NV; ++j) simd::prefetch(pf + ty * b_row + j * L);
+        simd::prefetch(pf + ty * b_row + NV * L + KS - 2);
+      }
+    }
     SQZ_UNROLL
     for (int ty = 0; ty < KS; ++ty) {
       const T* Brow = Bk + ty * b_row;

@@ -7,11 +7,16 @@
 // padded conv sees 0 there, not relu(bias)). Both expands then read that buffer as *flat* vectors
 // of positions q = row*Wp + col: the 3x3 taps are the constant offsets ty*Wp + tx, so the inner
 // loop has no branches; lanes that land on the two padding columns are computed and discarded.
-// Results go straight into the output's channel slices [0, E1) and [E1, E1+E3) through
-// precomputed store segments (NCHW) or scatter indices (channels_last), so there is no concat.
+// The micro-kernel stores each expand's results 16 channels at a time into a small per-thread CHW
+// tile with full vector stores; from there they go to the output's channel slices [0, E1) and
+// [E1, E1+E3) (so there is no concat): NCHW by row copies, channels_last by 16x16 AVX-512
+// register transposes (scatter on the narrower ISAs).
 //
-// channels_last input is transposed band by band into a CHW staging buffer first, because the
-// micro-kernel needs pixel-contiguous vectors.
+// channels_last input is transposed band by band into a CHW staging buffer first (16x16 register
+// transposes with AVX-512), because the micro-kernel needs pixel-contiguous vectors.
+//
+// Per-thread scratch (squeeze buffer, staging, tile, store maps) persists across calls: no
+// allocation or page faults per call, and the buffer's zero padding columns stay zero.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -96,8 +101,9 @@ FirePlan make_plan(const FireGeometry& g, bool channels_last, int64_t elem_size)
   p.channels_last = channels_last;
   p.Wp = g.width + 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Per band row: squeeze buffer, channels_last staging, the 16-channel output tile.
   const int64_t row_bytes =
-      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0));
+      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0) + 16 * p.Wp);
   const int64_t budget = 384 * 1024;
   int64_t nb = 1;
   while (nb < g.height && row_bytes * ((g.height + nb - 1) / nb + 2) > budget) ++nb;
@@ -235,16 +241,36 @@ struct FireKernel {
           return;
         }
       }
-      if (P.channels_last) {
-        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
-          val.scatter(out_band + ch_off + ch, m.index.data() + v * L, m.valid[v]);
-        });
-      } else {
-        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
-          T* dst = out_band + (ch_off + ch) * HW;
-          for (int32_t k = m.first[v]; k < m.first[v + 1]; ++k) val.store(dst + m.segs[k].base, m.segs[k].mask);
-        });
+      if (!P.channels_last) {
+        // 16 channels at a time into a CHW tile with full, unmasked vector stores, then row by
+        // row into the output planes: predictable branches and contiguous stores instead of a
+        // varying number of masked segment stores per vector in the micro-kernel's epilogue.
+        T* tile = s.otile.data();
+        const int64_t ts = s.otile_stride;
+        const simd::Mask tail_mask = (simd::Mask)((uint64_t(1) << (W % L)) - 1);
+        for (int64_t e0 = e_begin; e0 < e_end; e0 += 16) {
+          const int64_t e1 = std::min(e_end, e0 + 16);
+          conv_pass<V, TAPS>(p, e0, e1, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+            val.storeu(tile + (ch - e0) * ts + v * L);
+          });
+          for (int64_t e = e0; e < e1; ++e) {
+            const T* src_e = tile + (e - e0) * ts;
+            T* dst_e = out_band + (ch_off + e) * HW;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* sr = src_e + r * Wp;
+              T* dr = dst_e + r * W;
+              int64_t c = 0;
+              for (; c + L <= W; c += L) V::loadu(sr + c).storeu(dr + c);
+              if (c < W) V::load(sr + c, tail_mask).store(dr + c, tail_mask);
+            }
+          }
+        }
+        return;
       }
+      // channels_last without AVX-512 (AVX2, scalar, float64): scatter each vector's lanes.
+      conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+        val.scatter(out_band + ch_off + ch, m.index.data() + v * L, m.valid[v]);
+      });
     };
     run_expand(std::integral_constant<int, 1>{}, w_e1, b_e1, E1, 0);
     run_expand(std::integral_constant<int, 9>{}, w_e3, b_e3, E3, E1);
@@ -267,7 +293,7 @@ struct FireKernel {
         std::copy(key, key + 3, s.buf_key);
       }
       if ((int64_t)s.stage.size() < stage_len) s.stage.resize(stage_len);
-      if (kTiles && P.channels_last) {
+      if (kTiles || !P.channels_last) {
         // Flat vectors of a band: rows*Wp rounded up to whole blocks of NV vectors.
         s.otile_stride = (P.band_h * P.Wp + (Blocking<V>::NV + 1) * L + 15) / 16 * 16;
         if ((int64_t)s.otile.size() < 16 * s.otile_stride) s.otile.resize(16 * s.otile_stride);
