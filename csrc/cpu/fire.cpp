@@ -7,18 +7,25 @@
 // padded conv sees 0 there, not relu(bias)). Both expands then read that buffer as *flat* vectors
 // of positions q = row*Wp + col: the 3x3 taps are the constant offsets ty*Wp + tx, so the inner
 // loop has no branches; lanes that land on the two padding columns are computed and discarded.
-// Results go straight into the output's channel slices [0, E1) and [E1, E1+E3) through
-// precomputed store segments (NCHW) or scatter indices (channels_last), so there is no concat.
+// The micro-kernel stores each expand's results 16 channels at a time into a small per-thread CHW
+// tile with full vector stores; from there they go to the output's channel slices [0, E1) and
+// [E1, E1+E3) (so there is no concat): NCHW by row copies, channels_last by 16x16 AVX-512
+// register transposes (scatter on the narrower ISAs).
 //
-// channels_last input is transposed band by band into a CHW staging buffer first, because the
-// micro-kernel needs pixel-contiguous vectors.
+// channels_last input is transposed band by band into a CHW staging buffer first (16x16 register
+// transposes with AVX-512), because the micro-kernel needs pixel-contiguous vectors.
+//
+// Per-thread scratch (squeeze buffer, staging, tile, store maps) persists across calls: no
+// allocation or page faults per call, and the buffer's zero padding columns stay zero.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/conv_microkernel.h"
+#include "cpu/fire_transpose.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "fire.h"
@@ -43,19 +50,26 @@ struct VecMap {
   std::vector<int32_t> index;  // per lane: destination index * index_scale (for scatter)
   std::vector<Mask> valid;     // per vector: lanes that hold real pixels
 
+  // Rebuilt only when its arguments change (bands of one call mostly share a map).
+  int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+
   void build(int L, int64_t span, int64_t src_w, int64_t valid_w, int64_t dest_w, int64_t dest_off,
              int64_t index_scale) {
+    const int64_t k[6] = {L, span, src_w, valid_w, dest_w * index_scale, dest_off};
+    if (std::equal(k, k + 6, key)) return;
+    std::copy(k, k + 6, key);
     nvec = (span + L - 1) / L;
     first.assign(nvec + 1, 0);
     segs.clear();
     index.assign(nvec * L, 0);
     valid.assign(nvec, 0);
+    int64_t row = 0, col = 0;  // of flat position q = v*L + l
     for (int64_t v = 0; v < nvec; ++v) {
       first[v] = (int32_t)segs.size();
-      for (int l = 0; l < L; ++l) {
+      for (int l = 0; l < L; ++l, ++col) {
+        if (col == src_w) col = 0, ++row;
         const int64_t q = v * L + l;
         if (q >= span) break;
-        const int64_t row = q / src_w, col = q % src_w;
         if (col >= valid_w) continue;
         const int64_t dest = dest_off + row * dest_w + col;
         const int64_t base = dest - l;
@@ -87,8 +101,9 @@ FirePlan make_plan(const FireGeometry& g, bool channels_last, int64_t elem_size)
   p.channels_last = channels_last;
   p.Wp = g.width + 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Per band row: squeeze buffer, channels_last staging, the 16-channel output tile.
   const int64_t row_bytes =
-      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0));
+      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0) + 16 * p.Wp);
   const int64_t budget = 384 * 1024;
   int64_t nb = 1;
   while (nb < g.height && row_bytes * ((g.height + nb - 1) / nb + 2) > budget) ++nb;
@@ -122,21 +137,24 @@ struct FireKernel {
   const FirePlan& P;
   const T *x, *w_sq, *b_sq, *w_e1, *b_e1, *w_e3, *b_e3;
   T* out;
-  int64_t a_tap3[9], b_tap3[9], zero_tap = 0, b_tap_center;
+#if defined(__AVX512F__)
+  // channels_last moves data between HWC and the CHW buffers with 16x16 register transposes.
+  static constexpr bool kTiles = std::is_same_v<V, simd::Avx512F>;
+#else
+  static constexpr bool kTiles = false;
+#endif
+  // Zeroed floats after the last squeeze plane, so that flat vectors never need a mask there.
+  static constexpr int64_t kSlack = 4 * L + 16;
 
   FireKernel(const FirePlan& plan, const T* x_, const T* wsq, const T* bsq, const T* we1,
              const T* be1, const T* we3, const T* be3, T* out_)
-      : P(plan), x(x_), w_sq(wsq), b_sq(bsq), w_e1(we1), b_e1(be1), w_e3(we3), b_e3(be3), out(out_) {
-    for (int t = 0; t < 9; ++t) {
-      a_tap3[t] = t;  // w_e3[e][s][ty][tx]: the tap is the innermost index
-      b_tap3[t] = (t / 3) * P.Wp + (t % 3);
-    }
-    b_tap_center = P.Wp + 1;
-  }
+      : P(plan), x(x_), w_sq(wsq), b_sq(bsq), w_e1(we1), b_e1(be1), w_e3(we3), b_e3(be3), out(out_) {}
 
   // Thread-local scratch, reused by all items a thread runs in one call.
   struct Scratch {
-    std::vector<T> buf, stage;
+    std::vector<T> buf, stage, otile;
+    int64_t otile_stride = 0;
+    int64_t buf_key[3] = {-1, -1, -1};
     VecMap sq_map, ex_map;
   };
 
@@ -158,8 +176,11 @@ struct FireKernel {
       const int64_t npix = (re - rs) * W;
       const T* xn = x + (n * HW + rs * W) * C;
       T* st = s.stage.data();
-      for (int64_t p = 0; p < npix; ++p)
-        for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
+      if constexpr (kTiles)
+        transpose_2d(xn, C, npix, C, st, npix);
+      else
+        for (int64_t p = 0; p < npix; ++p)
+          for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
       src = st;
       src_k = npix;
       src_first = rs;  // staged row 0 is image row rs
@@ -176,7 +197,7 @@ struct FireKernel {
       for (int64_t c = 0; c < S; ++c)
         std::fill(buf + c * plane + (rows + 1) * Wp, buf + c * plane + (rows + 2) * Wp, T(0));
     {
-      ConvPass<T> p{w_sq, C, 1, &zero_tap, src, src_k, &zero_tap, C, sq_span, b_sq};
+      ConvPass<T> p{w_sq, C, src, src_k, 0, C, sq_span, b_sq};
       const VecMap& m = s.sq_map;
       conv_pass<V, 1>(p, 0, S, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
         T* dst = buf + ch * plane;
@@ -187,43 +208,96 @@ struct FireKernel {
     // 2. Both expands over flat positions q = row*Wp + col of the band's output rows.
     const int64_t ex_span = rows * Wp;
     T* out_n = out + n * Cout * HW;
-    if (P.channels_last)
-      s.ex_map.build(L, ex_span, Wp, W, W, r0 * W, Cout);
-    else
-      s.ex_map.build(L, ex_span, Wp, W, W, r0 * W, 1);
+    // Relative to the band's first output pixel, so that all full bands share one map.
+    s.ex_map.build(L, ex_span, Wp, W, W, 0, P.channels_last ? Cout : 1);
+    T* out_band = out_n + r0 * W * (P.channels_last ? Cout : 1);
     const VecMap& m = s.ex_map;
-    auto run_expand = [&](auto taps, const T* w, int64_t a_m, int64_t a_k, const int64_t* a_tap,
-                          const int64_t* b_tap, const T* bias, int64_t E, int64_t ch_off) {
+    auto run_expand = [&](auto taps, const T* w, const T* bias, int64_t E, int64_t ch_off) {
       constexpr int TAPS = decltype(taps)::value;
       const int64_t per = (E + P.ngroups - 1) / P.ngroups;
       const int64_t e_begin = std::min(E, group * per), e_end = std::min(E, e_begin + per);
       if (e_begin >= e_end) return;
-      ConvPass<T> p{w, a_m, a_k, a_tap, buf, plane, b_tap, S, ex_span + 2 * Wp + 2, bias};
-      if (P.channels_last) {
-        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
-          val.scatter(out_n + ch_off + ch, m.index.data() + v * L, m.valid[v]);
-        });
-      } else {
-        conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
-          T* dst = out_n + (ch_off + ch) * HW;
-          for (int32_t k = m.first[v]; k < m.first[v + 1]; ++k) val.store(dst + m.segs[k].base, m.segs[k].mask);
-        });
+      // 3x3 reads from the top-left tap (buffer start), 1x1 from the centre; both may read the
+      // zero slack after the last plane instead of masking.
+      const int64_t off = TAPS == 9 ? 0 : Wp + 1;
+      ConvPass<T> p{w, S * TAPS, buf + off, plane, Wp, S, plane + kSlack - off, bias};
+      if constexpr (kTiles) {
+        if (P.channels_last) {
+          // 16 channels at a time into a CHW tile (full vectors, padding lanes included), then
+          // 16x16 register transposes into the output's pixel rows.
+          T* tile = s.otile.data();
+          const int64_t ts = s.otile_stride;
+          for (int64_t e0 = e_begin; e0 < e_end; e0 += 16) {
+            const int64_t e1 = std::min(e_end, e0 + 16);
+            conv_pass<V, TAPS>(p, e0, e1, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+              val.storeu(tile + (ch - e0) * ts + v * L);
+            });
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c0 = 0; c0 < W; c0 += 16)
+                transpose_tile16(tile + r * Wp + c0, ts, (int)(e1 - e0),
+                                 (int)std::min<int64_t>(16, W - c0),
+                                 out_band + (r * W + c0) * Cout + ch_off + e0, Cout);
+          }
+          return;
+        }
       }
+      if (!P.channels_last) {
+        // 16 channels at a time into a CHW tile with full, unmasked vector stores, then row by
+        // row into the output planes: predictable branches and contiguous stores instead of a
+        // varying number of masked segment stores per vector in the micro-kernel's epilogue.
+        T* tile = s.otile.data();
+        const int64_t ts = s.otile_stride;
+        const simd::Mask tail_mask = (simd::Mask)((uint64_t(1) << (W % L)) - 1);
+        for (int64_t e0 = e_begin; e0 < e_end; e0 += 16) {
+          const int64_t e1 = std::min(e_end, e0 + 16);
+          conv_pass<V, TAPS>(p, e0, e1, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+            val.storeu(tile + (ch - e0) * ts + v * L);
+          });
+          for (int64_t e = e0; e < e1; ++e) {
+            const T* src_e = tile + (e - e0) * ts;
+            T* dst_e = out_band + (ch_off + e) * HW;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* sr = src_e + r * Wp;
+              T* dr = dst_e + r * W;
+              int64_t c = 0;
+              for (; c + L <= W; c += L) V::loadu(sr + c).storeu(dr + c);
+              if (c < W) V::load(sr + c, tail_mask).store(dr + c, tail_mask);
+            }
+          }
+        }
+        return;
+      }
+      // channels_last without AVX-512 (AVX2, scalar, float64): scatter each vector's lanes.
+      conv_pass<V, TAPS>(p, e_begin, e_end, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
+        val.scatter(out_band + ch_off + ch, m.index.data() + v * L, m.valid[v]);
+      });
     };
-    run_expand(std::integral_constant<int, 1>{}, w_e1, S, 1, &zero_tap, &b_tap_center, b_e1, E1, 0);
-    run_expand(std::integral_constant<int, 9>{}, w_e3, S * 9, 9, a_tap3, b_tap3, b_e3, E3, E1);
+    run_expand(std::integral_constant<int, 1>{}, w_e1, b_e1, E1, 0);
+    run_expand(std::integral_constant<int, 9>{}, w_e3, b_e3, E3, E1);
   }
 
   void run() const {
     const FireGeometry& g = P.g;
     const int64_t items = g.batch * P.nbands * P.ngroups;
     // Slack after the last plane: flat vectors of the expands read up to L + 2 positions past it.
-    const int64_t buf_len = g.squeeze * P.plane + 2 * L + 8;
+    const int64_t buf_len = g.squeeze * P.plane + kSlack;
     const int64_t stage_len = P.channels_last ? g.in_channels * (P.band_h + 2) * g.width : 0;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      Scratch s;
-      s.buf.assign(buf_len, T(0));  // zero once: the padding columns are never written
-      s.stage.resize(stage_len);
+      // Kept per thread across calls: no allocation (and page faults) per call, store maps stay
+      // cached, and the padding columns of the squeeze buffer stay zero as long as its layout
+      // does not change (the kernel never writes them).
+      static thread_local Scratch s;
+      const int64_t key[3] = {buf_len, P.plane, P.Wp};
+      if (!std::equal(key, key + 3, s.buf_key)) {
+        s.buf.assign(buf_len, T(0));
+        std::copy(key, key + 3, s.buf_key);
+      }
+      if ((int64_t)s.stage.size() < stage_len) s.stage.resize(stage_len);
+      if (kTiles || !P.channels_last) {
+        // Flat vectors of a band: rows*Wp rounded up to whole blocks of NV vectors.
+        s.otile_stride = (P.band_h * P.Wp + (Blocking<V>::NV + 1) * L + 15) / 16 * 16;
+        if ((int64_t)s.otile.size() < 16 * s.otile_stride) s.otile.resize(16 * s.otile_stride);
+      }
       for (int64_t it = begin; it < end; ++it) run_item(it, s);
     });
   }

@@ -3,7 +3,8 @@
 //
 // Every type offers the same static interface so that kernels are written once as templates:
 //   T, L (lanes), zero(), set1(T), load(const T*, Mask), store(T*, Mask), fma(a, b, c) = a*b + c,
-//   relu(v), scatter(T* base, const int32_t* idx, Mask, v)  (lane l -> base[idx[l]]).
+//   relu(v), scatter(T* base, const int32_t* idx, Mask, v)  (lane l -> base[idx[l]]),
+//   loadu(const T*) (all L lanes, unmasked), storeu(T*) (all L lanes).
 // Masks are lane bit masks (bit l set = lane l active); masked-off lanes are neither read nor
 // written, so a masked load past the end of a tensor is safe.
 #pragma once
@@ -19,6 +20,15 @@ namespace sqz {
 namespace simd {
 
 using Mask = uint32_t;
+
+// Hint: bring the cache line holding p into L1 (never faults, any address).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
 
 template <int L>
 inline Mask full_mask() {
@@ -50,6 +60,14 @@ struct ArrVec {
     for (int l = 0; l < L; ++l)
       if ((m >> l) & 1) p[l] = v[l];
   }
+  static ArrVec loadu(const T* p) {
+    ArrVec r;
+    for (int l = 0; l < L; ++l) r.v[l] = p[l];
+    return r;
+  }
+  void storeu(T* p) const {
+    for (int l = 0; l < L; ++l) p[l] = v[l];
+  }
   void scatter(T* base, const int32_t* idx, Mask m) const {
     for (int l = 0; l < L; ++l)
       if ((m >> l) & 1) base[idx[l]] = v[l];
@@ -76,6 +94,8 @@ struct Avx512F {
   static Avx512F set1(float x) { return {_mm512_set1_ps(x)}; }
   static Avx512F load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps((__mmask16)m, p)}; }
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, (__mmask16)m, v); }
+  static Avx512F loadu(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void storeu(float* p) const { _mm512_storeu_ps(p, v); }
   void scatter(float* base, const int32_t* idx, Mask m) const {
     _mm512_mask_i32scatter_ps(base, (__mmask16)m, _mm512_loadu_si512(idx), v, 4);
   }
@@ -103,6 +123,8 @@ struct Avx2F {
     if ((m & 0xFF) == 0xFF) return {_mm256_loadu_ps(p)};
     return {_mm256_maskload_ps(p, lanes(m))};
   }
+  static Avx2F loadu(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void storeu(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, Mask m) const {
     if ((m & 0xFF) == 0xFF)
       _mm256_storeu_ps(p, v);
