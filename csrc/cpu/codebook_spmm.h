@@ -1,0 +1,313 @@
+// CPU building blocks of the sparse-codebook kernels (XNNPACK-style CHW SpMM), shared by
+// codebook_conv.cpp, codebook_linear.cpp and codebook_fire.cpp.
+//
+// Data layout: the input of a layer is a CHW buffer (zero-padded and, for stride s > 1, split into
+// s*s phase planes, see codebook::tap_offset), so every (ci, ky, kx) of a weight is one address
+// offset and output pixel q (flattened over rows of the plane width) reads in[offset + q].
+// A micro-kernel computes a tile of up to 64 consecutive q for one output channel: per stored
+// weight it broadcasts codebook[code] and multiply-adds a vector of pixels.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "codebook.h"
+#include "cpu/isa.h"
+
+namespace sqz {
+namespace codebook {
+
+using sqz::Isa;
+
+// The instruction set of this call: the project-wide switch (torch.ops.sqz_kernels.set_cpu_isa),
+// which never exceeds what this build compiled.
+inline Isa active_isa() { return sqz::active_isa(); }
+
+constexpr int kMaxTile = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: out[q] = sum_j cb[code[j]] * in[off[j] + q], q in [0, len), 1 <= len <= tile.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline void tile_scalar(const T* in, const int32_t* off, const uint8_t* code, int64_t cnt,
+                        const T* cb, int len, T* out) {
+  T acc[kMaxTile];
+  for (int q = 0; q < len; ++q) acc[q] = T(0);
+  for (int64_t j = 0; j < cnt; ++j) {
+    const T w = cb[code[j]];
+    const T* p = in + off[j];
+    for (int q = 0; q < len; ++q) acc[q] += w * p[q];
+  }
+  for (int q = 0; q < len; ++q) out[q] = acc[q];
+}
+
+#if defined(__AVX512F__)
+template <int NV, bool FULL>
+inline void tile_avx512_n(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
+                          const float* cb, int len, float* out) {
+  __m512 a[NV], b[NV];
+  __mmask16 m[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int lanes = std::min(16, std::max(0, len - 16 * v));
+    m[v] = lanes >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1u);
+    a[v] = _mm512_setzero_ps();
+    b[v] = _mm512_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 1 < cnt; j += 2) {
+    const float* p0 = in + off[j];
+    const float* p1 = in + off[j + 1];
+    const __m512 w0 = _mm512_set1_ps(cb[code[j]]);
+    const __m512 w1 = _mm512_set1_ps(cb[code[j + 1]]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+      const __m512 x1 = FULL ? _mm512_loadu_ps(p1 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p1 + 16 * v);
+      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+      b[v] = _mm512_fmadd_ps(w1, x1, b[v]);
+    }
+  }
+  if (j < cnt) {
+    const float* p0 = in + off[j];
+    const __m512 w0 = _mm512_set1_ps(cb[code[j]]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_add_ps(a[v], b[v]));
+}
+
+inline void tile_avx512(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
+                        const float* cb, int len, float* out) {
+  if (len == 64) return tile_avx512_n<4, true>(in, off, code, cnt, cb, len, out);
+  if (len > 48) return tile_avx512_n<4, false>(in, off, code, cnt, cb, len, out);
+  if (len > 32) return tile_avx512_n<3, false>(in, off, code, cnt, cb, len, out);
+  if (len > 16) return tile_avx512_n<2, false>(in, off, code, cnt, cb, len, out);
+  return tile_avx512_n<1, false>(in, off, code, cnt, cb, len, out);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+template <int NV, bool FULL>
+inline void tile_avx2_n(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
+                        const float* cb, int len, float* out) {
+  __m256 a[NV], b[NV];
+  __m256i m[NV];
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int v = 0; v < NV; ++v) {
+    m[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(len - 8 * v), iota);
+    a[v] = _mm256_setzero_ps();
+    b[v] = _mm256_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 1 < cnt; j += 2) {
+    const float* p0 = in + off[j];
+    const float* p1 = in + off[j + 1];
+    const __m256 w0 = _mm256_broadcast_ss(cb + code[j]);
+    const __m256 w1 = _mm256_broadcast_ss(cb + code[j + 1]);
+    for (int v = 0; v < NV; ++v) {
+      const __m256 x0 = FULL ? _mm256_loadu_ps(p0 + 8 * v) : _mm256_maskload_ps(p0 + 8 * v, m[v]);
+      const __m256 x1 = FULL ? _mm256_loadu_ps(p1 + 8 * v) : _mm256_maskload_ps(p1 + 8 * v, m[v]);
+      a[v] = _mm256_fmadd_ps(w0, x0, a[v]);
+      b[v] = _mm256_fmadd_ps(w1, x1, b[v]);
+    }
+  }
+  if (j < cnt) {
+    const float* p0 = in + off[j];
+    const __m256 w0 = _mm256_broadcast_ss(cb + code[j]);
+    for (int v = 0; v < NV; ++v) {
+      const __m256 x0 = FULL ? _mm256_loadu_ps(p0 + 8 * v) : _mm256_maskload_ps(p0 + 8 * v, m[v]);
+      a[v] = _mm256_fmadd_ps(w0, x0, a[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) _mm256_maskstore_ps(out + 8 * v, m[v], _mm256_add_ps(a[v], b[v]));
+}
+
+inline void tile_avx2(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
+                      const float* cb, int len, float* out) {
+  if (len == 32) return tile_avx2_n<4, true>(in, off, code, cnt, cb, len, out);
+  if (len > 24) return tile_avx2_n<4, false>(in, off, code, cnt, cb, len, out);
+  if (len > 16) return tile_avx2_n<3, false>(in, off, code, cnt, cb, len, out);
+  if (len > 8) return tile_avx2_n<2, false>(in, off, code, cnt, cb, len, out);
+  return tile_avx2_n<1, false>(in, off, code, cnt, cb, len, out);
+}
+#endif
+
+template <typename T>
+using TileFn = void (*)(const T*, const int32_t*, const uint8_t*, int64_t, const T*, int, T*);
+
+template <typename T>
+struct Kernel {
+  TileFn<T> fn;
+  int tile;
+};
+
+template <typename T>
+inline Kernel<T> select_kernel(Isa) {
+  return {&tile_scalar<T>, 16};
+}
+
+template <>
+inline Kernel<float> select_kernel<float>(Isa isa) {
+#if defined(__AVX512F__)
+  if (isa == Isa::Avx512) return {&tile_avx512, 64};
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) return {&tile_avx2, 32};
+#endif
+  (void)isa;
+  return {&tile_scalar<float>, 16};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: a tile of q (flattened over rows of width `in_w`, valid columns [0, out_w)) of output
+// channel o -> out[o*sC + row*sH + col*sW] = act(acc + bias).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Epilogue {
+  T* out;
+  int64_t sC, sH, sW;
+  int64_t in_w, out_w;
+  const T* bias;  // may be null
+  bool relu;
+};
+
+template <typename T>
+inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilogue<T>& e) {
+  const T b = e.bias ? e.bias[o] : T(0);
+  const int64_t end = q0 + len;
+  int64_t q = q0;
+  T* base = e.out + o * e.sC;
+  while (q < end) {
+    const int64_t row = q / e.in_w;
+    const int64_t col = q - row * e.in_w;
+    const int64_t seg_end = std::min(end, (row + 1) * e.in_w);
+    const int64_t cend = std::min(e.out_w, col + (seg_end - q));
+    const T* src = acc + (q - q0) - col;
+    T* dst = base + row * e.sH;
+    if (e.sW == 1) {
+      if (e.relu) {
+        for (int64_t c = col; c < cend; ++c) {
+          const T v = src[c] + b;
+          dst[c] = v < T(0) ? T(0) : v;
+        }
+      } else {
+        for (int64_t c = col; c < cend; ++c) dst[c] = src[c] + b;
+      }
+    } else {
+      for (int64_t c = col; c < cend; ++c) {
+        T v = src[c] + b;
+        if (e.relu && v < T(0)) v = T(0);
+        dst[c * e.sW] = v;
+      }
+    }
+    q = seg_end;
+  }
+}
+
+// Rows [o0, o1) of a plan over q in [qa, qb): tiles outside, channels inside (the input tile
+// stays in cache across channels).
+template <typename T>
+inline void spmm_rows(const Kernel<T>& k, const T* in, const Plan& p, const T* cb, int64_t o0,
+                      int64_t o1, int64_t qa, int64_t qb, const Epilogue<T>& e) {
+  alignas(64) T acc[kMaxTile];
+  for (int64_t q0 = qa; q0 < qb; q0 += k.tile) {
+    const int len = static_cast<int>(std::min<int64_t>(k.tile, qb - q0));
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t rs = p.row_start[o];
+      k.fn(in + q0, p.offset.data() + rs, p.code.data() + rs, p.row_start[o + 1] - rs, cb, len,
+           acc);
+      store_tile(acc, q0, len, o, e);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing of an input band into a zero-padded, phase-split CHW buffer.
+// x: one image, element strides (sC, sH, sW), C x H x W. The band starts at padded row `prow0`;
+// buffer plane p = (py*sw + px) holds rows i in [0, plane_rows), columns j in [0, plane_w) of the
+// padded input at padded row prow0 + i*sh + py and padded column j*sw + px.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H,
+                      int64_t W, int64_t prow0, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                      int64_t plane_rows, int64_t plane_w, T* buf) {
+  const int64_t plane = plane_rows * plane_w;
+  for (int64_t py = 0; py < sh; ++py) {
+    for (int64_t px = 0; px < sw; ++px) {
+      T* phase = buf + (py * sw + px) * C * plane;
+      // valid j: 0 <= j*sw + px - pw < W
+      int64_t ja = 0;
+      while (ja < plane_w && ja * sw + px - pw < 0) ++ja;
+      int64_t jb = ja;
+      while (jb < plane_w && jb * sw + px - pw < W) ++jb;
+      const int64_t c0 = ja * sw + px - pw;
+      if (sC == 1 && sW != 1) {
+        // channels-last-like input: gather rows of pixels, channels innermost in the source.
+        for (int64_t i = 0; i < plane_rows; ++i) {
+          const int64_t r = prow0 + i * sh + py - ph;
+          const bool rin = r >= 0 && r < H;
+          for (int64_t ci = 0; ci < C; ++ci) {
+            T* d = phase + ci * plane + i * plane_w;
+            std::fill(d, d + ja, T(0));
+            std::fill(d + jb, d + plane_w, T(0));
+            if (!rin) std::fill(d + ja, d + jb, T(0));
+          }
+          if (!rin) continue;
+          const T* srow = x + r * sH;
+          for (int64_t j = ja; j < jb; ++j) {
+            const T* s = srow + (c0 + (j - ja) * sw) * sW;
+            T* d = phase + i * plane_w + j;
+            for (int64_t ci = 0; ci < C; ++ci) d[ci * plane] = s[ci];
+          }
+        }
+      } else {
+        for (int64_t ci = 0; ci < C; ++ci) {
+          for (int64_t i = 0; i < plane_rows; ++i) {
+            T* d = phase + ci * plane + i * plane_w;
+            const int64_t r = prow0 + i * sh + py - ph;
+            if (r < 0 || r >= H) {
+              std::fill(d, d + plane_w, T(0));
+              continue;
+            }
+            std::fill(d, d + ja, T(0));
+            std::fill(d + jb, d + plane_w, T(0));
+            const T* s = x + ci * sC + r * sH + c0 * sW;
+            if (sw == 1 && sW == 1) {
+              std::memcpy(d + ja, s, sizeof(T) * (jb - ja));
+            } else {
+              const int64_t step = sw * sW;
+              for (int64_t j = ja; j < jb; ++j) d[j] = s[(j - ja) * step];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Conv geometry of codebook_conv2d / codebook_linear (linear = 1x1 conv over a 1 x M "image").
+struct ConvGeom {
+  int64_t N, C, H, W, O;
+  int64_t kh, kw, sh, sw, ph, pw;
+  int64_t Ho, Wo;
+};
+
+// The conv driver, for one dtype. x and out are described by element strides (any layout).
+// Defined in codebook_conv.cpp for float and double.
+template <typename T>
+void conv_forward(const T* x, const int64_t* xs /*N,C,H,W strides*/, const ConvGeom& g,
+                  const Stream& s, const T* cb, const T* bias, bool relu, T* out,
+                  const int64_t* os /*N,O,Ho,Wo strides*/, const char* op);
+
+}  // namespace codebook
+}  // namespace sqz
