@@ -9,9 +9,9 @@
 //   gaps       uint8 [E], relative index per entry: 255 = filler (cursor += 255, no weight),
 //              otherwise cursor += gap + 1 and W[r, cursor] = codebook[code]
 //   row_counts int32 [O], entries per row including fillers, sum == E; rows are consecutive
-// Every cursor must stay < K. The kernels never expand this to a dense float weight: they decode
-// each row into int32 address offsets (one per non-filler entry, per call scratch) and read
-// codebook[code] in the inner loop.
+// Every cursor must stay < K. The kernels never expand this to a dense float weight: the inner loop
+// walks gaps and codes as stored, maps the cursor to an input address offset through a per-call
+// table of K int32 (one per weight position, not per weight) and reads codebook[code].
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,15 +68,8 @@ struct Stream {
   const c10::optional<at::Tensor>& bias;
 };
 
-// Decoded per-call plan of one layer: for row r the non-filler entries [row_start[r],
-// row_start[r+1]) with their address offsets and codes. 5 bytes per stored weight of scratch;
-// the resident state stays the 2-byte-per-entry stream.
-struct Plan {
-  std::vector<int64_t> row_start;
-  std::vector<int32_t> offset;
-  std::vector<uint8_t> code;
-  int64_t rows() const { return static_cast<int64_t>(row_start.size()) - 1; }
-};
+// Row boundaries of a validated stream: row r's entries are [row_start[r], row_start[r+1]).
+using RowStarts = std::vector<int64_t>;
 
 // Checks dtypes, shapes and devices of one layer's tensors; returns the number of rows O.
 // `pre` names the arguments ("" for single-layer ops, "sq_", "e1_", "e3_" for the Fire).
@@ -115,13 +108,12 @@ inline int64_t check_stream(const char* op, const char* pre, const at::Tensor& x
   return rows;
 }
 
-// Walks the stream once (O(E)): validates row_counts against the stream length, every code
-// against the codebook size and every cursor against K, and records for each weight the address
-// offset `offset_of(pos)` and its code. Never reads outside the tensors, whatever their contents.
+// Validates one layer's stream in O(E) with branch-free, vectorisable loops: row_counts >= 0 and
+// summing to E; every non-filler code < n; every cursor < K (cursors only grow within a row, so it
+// suffices that each row's last cursor -1 + sum(gap + 1) - #fillers is < K). After this, any walk
+// of the stream stays inside the tensors and inside [0, K). Returns the row starts.
 // CPU tensors only (the CUDA backend validates with its own pass).
-template <class OffsetFn>
-inline Plan decode_plan(const char* op, const char* pre, const Stream& s, int64_t K,
-                        OffsetFn offset_of) {
+inline RowStarts validate_stream(const char* op, const char* pre, const Stream& s, int64_t K) {
   const at::Tensor codes = s.codes.contiguous();
   const at::Tensor gaps = s.gaps.contiguous();
   const at::Tensor counts = s.counts.contiguous();
@@ -131,36 +123,39 @@ inline Plan decode_plan(const char* op, const char* pre, const Stream& s, int64_
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* gp = gaps.data_ptr<uint8_t>();
   const int32_t* rc = counts.data_ptr<int32_t>();
+  RowStarts rs(rows + 1);
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(rc[r] >= 0, op, ": ", pre, "row_counts[", r, "] = ", rc[r], " is negative");
+    rs[r] = total;
     total += rc[r];
   }
+  rs[rows] = total;
   TORCH_CHECK(total == E, op, ": ", pre, "row_counts sum to ", total, " but codes/gaps have ", E,
               " entries");
-  Plan p;
-  p.row_start.resize(rows + 1);
-  p.offset.reserve(E);
-  p.code.reserve(E);
-  int64_t e = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    p.row_start[r] = static_cast<int64_t>(p.offset.size());
-    int64_t cursor = -1;
-    for (int64_t i = 0; i < rc[r]; ++i, ++e) {
-      const uint8_t g = gp[e];
-      cursor = advance(cursor, g);
-      TORCH_CHECK(cursor < K, op, ": ", pre, "gaps run past the end of row ", r, " (position ",
-                  cursor, " >= K = ", K, ")");
-      if (is_filler(g)) continue;
-      const uint8_t c = cp[e];
-      TORCH_CHECK(c < n, op, ": ", pre, "codes[", e, "] = ", static_cast<int>(c),
-                  " is out of range for a codebook of ", n, " entries");
-      p.offset.push_back(static_cast<int32_t>(offset_of(cursor)));
-      p.code.push_back(c);
+  // codes: the largest non-filler code must be < n.
+  uint32_t max_code = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const uint32_t c = gp[e] == kFillerGap ? 0u : cp[e];
+    max_code = c > max_code ? c : max_code;
+  }
+  if (static_cast<int64_t>(max_code) >= n) {
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK(is_filler(gp[e]) || cp[e] < n, op, ": ", pre, "codes[", e, "] = ",
+                  static_cast<int>(cp[e]), " is out of range for a codebook of ", n, " entries");
     }
   }
-  p.row_start[rows] = static_cast<int64_t>(p.offset.size());
-  return p;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t sum = 0, fillers = 0;
+    for (int64_t e = rs[r]; e < rs[r + 1]; ++e) {
+      sum += gp[e];
+      fillers += gp[e] == kFillerGap;
+    }
+    const int64_t last = -1 + sum + (rs[r + 1] - rs[r]) - fillers;
+    TORCH_CHECK(last < K, op, ": ", pre, "gaps run past the end of row ", r, " (position ", last,
+                " >= K = ", K, ")");
+  }
+  return rs;
 }
 
 }  // namespace codebook

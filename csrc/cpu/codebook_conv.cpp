@@ -56,13 +56,18 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
               ": input too large for 32-bit address offsets");
 
   const int64_t K = C * g.kh * g.kw;
-  const Plan plan = decode_plan(op, "", s, K, [&](int64_t pos) -> int64_t {
-    int64_t ci, ky, kx;
-    split_position(pos, g.kh, g.kw, ci, ky, kx);
-    if (direct) return ci * xs[1];
-    return tap_offset(ci, ky, kx, g.sh, g.sw, C, plane, plane_w);
-  });
+  const RowStarts rs = validate_stream(op, "", s, K);
+  // Per-call table: weight position (ci, ky, kx) -> input address offset (K int32).
+  std::vector<int32_t> tab(K);
+  for (int64_t ci = 0, pos = 0; ci < C; ++ci)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
+        tab[pos] = static_cast<int32_t>(direct ? ci * xs[1]
+                                               : tap_offset(ci, ky, kx, g.sh, g.sw, C, plane, plane_w));
+  const at::Tensor gaps = s.gaps.contiguous(), codes = s.codes.contiguous();
+  const Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
 
+  const int tile = fit_tile(k, C * g.sh * g.sw, extra_rows * plane_w + (g.kw - 1) / g.sw);
   const int64_t tasks = g.N * nb * ob;
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     std::vector<T> buf(buf_elems);
@@ -86,7 +91,7 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
       }
       const Epilogue<T> ep{out + n * os[0] + r0 * os[2], os[1], os[2], os[3], plane_w, g.Wo, bias,
                            relu};
-      spmm_rows(k, in, plan, cb, o0, o1, 0, rows * plane_w, ep);
+      spmm_rows(k, tile, in, L, o0, o1, 0, rows * plane_w, ep);
     }
   });
 }
@@ -147,7 +152,7 @@ at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
   const int64_t ost[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   if (g.N == 0) {
     // Still validate the stream.
-    (void)decode_plan(op, "", s, g.C * g.kh * g.kw, [](int64_t p) { return p; });
+    (void)validate_stream(op, "", s, g.C * g.kh * g.kw);
     return out;
   }
   if (x.scalar_type() == at::kFloat) {

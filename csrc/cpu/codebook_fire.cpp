@@ -36,12 +36,12 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t row_bytes = (S * Wp + (direct ? 0 : C * W)) * static_cast<int64_t>(sizeof(T));
   const int64_t bmax = std::max<int64_t>(1, kFireBandBytes / std::max<int64_t>(1, row_bytes) - 2);
   int64_t nb = ceil_div(H, bmax);
-  if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, N));
+  if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, std::max<int64_t>(N, 1)));
   const int64_t B = ceil_div(H, nb);
   nb = ceil_div(H, B);
   const int64_t Eout = E1 + E3;
   int64_t ob = 1;
-  if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, N * nb));
+  if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
   const int64_t OB = ceil_div(Eout, ob);
   ob = ceil_div(Eout, OB);
 
@@ -54,17 +54,18 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
                   p_elems < std::numeric_limits<int32_t>::max(),
               op, ": input too large for 32-bit address offsets");
 
-  const Plan psq = decode_plan(op, "sq_", sq, C, [&](int64_t ci) -> int64_t {
-    return direct ? ci * xs[1] : ci * planeP;
-  });
-  const Plan pe1 = decode_plan(op, "e1_", e1, S, [&](int64_t ci) -> int64_t {
-    return ci * planeS + Wp + 1;
-  });
-  const Plan pe3 = decode_plan(op, "e3_", e3, 9 * S, [&](int64_t pos) -> int64_t {
-    int64_t ci, ky, kx;
-    split_position(pos, 3, 3, ci, ky, kx);
-    return ci * planeS + ky * Wp + kx;
-  });
+  const RowStarts rs_sq = validate_stream(op, "sq_", sq, C);
+  const RowStarts rs_e1 = validate_stream(op, "e1_", e1, S);
+  const RowStarts rs_e3 = validate_stream(op, "e3_", e3, 9 * S);
+  // Per-call tables: weight position -> address offset in the (packed) input / squeeze buffer.
+  std::vector<int32_t> t_sq(C), t_e1(S), t_e3(9 * S);
+  for (int64_t ci = 0; ci < C; ++ci) t_sq[ci] = static_cast<int32_t>(direct ? ci * xs[1] : ci * planeP);
+  for (int64_t ci = 0; ci < S; ++ci) {
+    t_e1[ci] = static_cast<int32_t>(ci * planeS + Wp + 1);
+    for (int64_t ky = 0; ky < 3; ++ky)
+      for (int64_t kx = 0; kx < 3; ++kx)
+        t_e3[ci * 9 + ky * 3 + kx] = static_cast<int32_t>(ci * planeS + ky * Wp + kx);
+  }
   if (N == 0) return;
 
   const at::Tensor cb_sq = sq.codebook.contiguous(), cb_e1 = e1.codebook.contiguous(),
@@ -78,9 +79,17 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const T* bsq = b_sq.defined() ? b_sq.data_ptr<T>() : nullptr;
   const T* be1 = b_e1.defined() ? b_e1.data_ptr<T>() : nullptr;
   const T* be3 = b_e3.defined() ? b_e3.data_ptr<T>() : nullptr;
+  const at::Tensor g_sq = sq.gaps.contiguous(), k_sq = sq.codes.contiguous();
+  const at::Tensor g_e1 = e1.gaps.contiguous(), k_e1 = e1.codes.contiguous();
+  const at::Tensor g_e3 = e3.gaps.contiguous(), k_e3 = e3.codes.contiguous();
+  const Rows<T> Lsq{g_sq.data_ptr<uint8_t>(), k_sq.data_ptr<uint8_t>(), rs_sq.data(), t_sq.data(), csq};
+  const Rows<T> Le1{g_e1.data_ptr<uint8_t>(), k_e1.data_ptr<uint8_t>(), rs_e1.data(), t_e1.data(), ce1};
+  const Rows<T> Le3{g_e3.data_ptr<uint8_t>(), k_e3.data_ptr<uint8_t>(), rs_e3.data(), t_e3.data(), ce3};
   const T* xp = x.data_ptr<T>();
   T* yp = out.data_ptr<T>();
 
+  const int tile_sq = fit_tile(k, C, 0);
+  const int tile_ex = fit_tile(k, S, 2 * Wp + 2);
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     std::vector<T> sbuf(s_elems, T(0));
     std::vector<T> pbuf(p_elems, T(0));
@@ -105,17 +114,17 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
         in = pbuf.data();
       }
       const Epilogue<T> esq{sbuf.data() + (ra - (r0 - 1)) * Wp + 1, planeS, Wp, 1, W, W, bsq, true};
-      spmm_rows(k, in, psq, csq, 0, S, 0, (rb - ra) * W, esq);
+      spmm_rows(k, tile_sq, in, Lsq, 0, S, 0, (rb - ra) * W, esq);
       // 2. expands from the padded squeeze buffer into the output's channel slices.
       T* yn = yp + n * os[0] + r0 * os[2];
       const int64_t qn = rows * Wp;
       if (c0 < E1) {
         const Epilogue<T> ee1{yn, os[1], os[2], os[3], Wp, W, be1, true};
-        spmm_rows(k, sbuf.data(), pe1, ce1, c0, std::min(c1, E1), 0, qn, ee1);
+        spmm_rows(k, tile_ex, sbuf.data(), Le1, c0, std::min(c1, E1), 0, qn, ee1);
       }
       if (c1 > E1) {
         const Epilogue<T> ee3{yn + E1 * os[1], os[1], os[2], os[3], Wp, W, be3, true};
-        spmm_rows(k, sbuf.data(), pe3, ce3, std::max(c0, E1) - E1, c1 - E1, 0, qn, ee3);
+        spmm_rows(k, tile_ex, sbuf.data(), Le3, std::max(c0, E1) - E1, c1 - E1, 0, qn, ee3);
       }
     }
   });

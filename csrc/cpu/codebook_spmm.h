@@ -35,16 +35,28 @@ inline Isa active_isa() { return sqz::active_isa(); }
 constexpr int kMaxTile = 64;
 
 // ---------------------------------------------------------------------------------------------
-// Micro-kernels: out[q] = sum_j cb[code[j]] * in[off[j] + q], q in [0, len), 1 <= len <= tile.
+// Micro-kernels: out[q] = sum over the stored weights j of one row of
+//   cb[code[j]] * in[tab[cursor_j] + q],   q in [0, len), 1 <= len <= tile,
+// walking the row's (gap, code) entries as stored (fillers advance the cursor by 255).
+// tab maps a weight position (0..K-1) to its input address offset.
 // ---------------------------------------------------------------------------------------------
+#if defined(__GNUC__)
+#define SQZ_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define SQZ_UNLIKELY(x) (x)
+#endif
+
 template <typename T>
-inline void tile_scalar(const T* in, const int32_t* off, const uint8_t* code, int64_t cnt,
-                        const T* cb, int len, T* out) {
+inline void tile_scalar(const T* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                        const int32_t* tab, const T* cb, int len, T* out) {
   T acc[kMaxTile];
   for (int q = 0; q < len; ++q) acc[q] = T(0);
+  int64_t cur = -1;
   for (int64_t j = 0; j < cnt; ++j) {
-    const T w = cb[code[j]];
-    const T* p = in + off[j];
+    cur = advance(cur, gp[j]);
+    if (is_filler(gp[j])) continue;
+    const T w = cb[cp[j]];
+    const T* p = in + tab[cur];
     for (int q = 0; q < len; ++q) acc[q] += w * p[q];
   }
   for (int q = 0; q < len; ++q) out[q] = acc[q];
@@ -52,8 +64,8 @@ inline void tile_scalar(const T* in, const int32_t* off, const uint8_t* code, in
 
 #if defined(__AVX512F__)
 template <int NV, bool FULL>
-inline void tile_avx512_n(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
-                          const float* cb, int len, float* out) {
+inline void tile_avx512_n(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                          const int32_t* tab, const float* cb, int len, float* out) {
   __m512 a[NV], b[NV];
   __mmask16 m[NV];
   for (int v = 0; v < NV; ++v) {
@@ -62,44 +74,54 @@ inline void tile_avx512_n(const float* in, const int32_t* off, const uint8_t* co
     a[v] = _mm512_setzero_ps();
     b[v] = _mm512_setzero_ps();
   }
+#define SQZ_LD512(p, v) (FULL ? _mm512_loadu_ps((p) + 16 * (v)) : _mm512_maskz_loadu_ps(m[v], (p) + 16 * (v)))
+  int64_t cur = -1;
   int64_t j = 0;
-  for (; j + 1 < cnt; j += 2) {
-    const float* p0 = in + off[j];
-    const float* p1 = in + off[j + 1];
-    const __m512 w0 = _mm512_set1_ps(cb[code[j]]);
-    const __m512 w1 = _mm512_set1_ps(cb[code[j + 1]]);
-    for (int v = 0; v < NV; ++v) {
-      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
-      const __m512 x1 = FULL ? _mm512_loadu_ps(p1 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p1 + 16 * v);
-      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
-      b[v] = _mm512_fmadd_ps(w1, x1, b[v]);
+  while (j < cnt) {
+    const uint32_t g0 = gp[j];
+    const uint32_t g1 = j + 1 < cnt ? gp[j + 1] : kFillerGap;
+    if (SQZ_UNLIKELY(g0 == kFillerGap || g1 == kFillerGap)) {
+      // one entry at a time around fillers and at the end of the row
+      cur = advance(cur, static_cast<uint8_t>(g0));
+      if (g0 != kFillerGap) {
+        const float* p0 = in + tab[cur];
+        const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
+        for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
+      }
+      j += 1;
+      continue;
     }
-  }
-  if (j < cnt) {
-    const float* p0 = in + off[j];
-    const __m512 w0 = _mm512_set1_ps(cb[code[j]]);
+    const int64_t c0 = cur + g0 + 1;
+    const int64_t c1 = c0 + g1 + 1;
+    cur = c1;
+    const float* p0 = in + tab[c0];
+    const float* p1 = in + tab[c1];
+    const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
+    const __m512 w1 = _mm512_set1_ps(cb[cp[j + 1]]);
     for (int v = 0; v < NV; ++v) {
-      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
-      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+      a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
+      b[v] = _mm512_fmadd_ps(w1, SQZ_LD512(p1, v), b[v]);
     }
+    j += 2;
   }
+#undef SQZ_LD512
   for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_add_ps(a[v], b[v]));
 }
 
-inline void tile_avx512(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
-                        const float* cb, int len, float* out) {
-  if (len == 64) return tile_avx512_n<4, true>(in, off, code, cnt, cb, len, out);
-  if (len > 48) return tile_avx512_n<4, false>(in, off, code, cnt, cb, len, out);
-  if (len > 32) return tile_avx512_n<3, false>(in, off, code, cnt, cb, len, out);
-  if (len > 16) return tile_avx512_n<2, false>(in, off, code, cnt, cb, len, out);
-  return tile_avx512_n<1, false>(in, off, code, cnt, cb, len, out);
+inline void tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                        const int32_t* tab, const float* cb, int len, float* out) {
+  if (len == 64) return tile_avx512_n<4, true>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 48) return tile_avx512_n<4, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 32) return tile_avx512_n<3, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 16) return tile_avx512_n<2, false>(in, gp, cp, cnt, tab, cb, len, out);
+  return tile_avx512_n<1, false>(in, gp, cp, cnt, tab, cb, len, out);
 }
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 template <int NV, bool FULL>
-inline void tile_avx2_n(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
-                        const float* cb, int len, float* out) {
+inline void tile_avx2_n(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                        const int32_t* tab, const float* cb, int len, float* out) {
   __m256 a[NV], b[NV];
   __m256i m[NV];
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -108,42 +130,62 @@ inline void tile_avx2_n(const float* in, const int32_t* off, const uint8_t* code
     a[v] = _mm256_setzero_ps();
     b[v] = _mm256_setzero_ps();
   }
+#define SQZ_LD256(p, v) (FULL ? _mm256_loadu_ps((p) + 8 * (v)) : _mm256_maskload_ps((p) + 8 * (v), m[v]))
+  int64_t cur = -1;
   int64_t j = 0;
-  for (; j + 1 < cnt; j += 2) {
-    const float* p0 = in + off[j];
-    const float* p1 = in + off[j + 1];
-    const __m256 w0 = _mm256_broadcast_ss(cb + code[j]);
-    const __m256 w1 = _mm256_broadcast_ss(cb + code[j + 1]);
-    for (int v = 0; v < NV; ++v) {
-      const __m256 x0 = FULL ? _mm256_loadu_ps(p0 + 8 * v) : _mm256_maskload_ps(p0 + 8 * v, m[v]);
-      const __m256 x1 = FULL ? _mm256_loadu_ps(p1 + 8 * v) : _mm256_maskload_ps(p1 + 8 * v, m[v]);
-      a[v] = _mm256_fmadd_ps(w0, x0, a[v]);
-      b[v] = _mm256_fmadd_ps(w1, x1, b[v]);
+  while (j < cnt) {
+    const uint32_t g0 = gp[j];
+    const uint32_t g1 = j + 1 < cnt ? gp[j + 1] : kFillerGap;
+    if (SQZ_UNLIKELY(g0 == kFillerGap || g1 == kFillerGap)) {
+      cur = advance(cur, static_cast<uint8_t>(g0));
+      if (g0 != kFillerGap) {
+        const float* p0 = in + tab[cur];
+        const __m256 w0 = _mm256_broadcast_ss(cb + cp[j]);
+        for (int v = 0; v < NV; ++v) a[v] = _mm256_fmadd_ps(w0, SQZ_LD256(p0, v), a[v]);
+      }
+      j += 1;
+      continue;
     }
-  }
-  if (j < cnt) {
-    const float* p0 = in + off[j];
-    const __m256 w0 = _mm256_broadcast_ss(cb + code[j]);
+    const int64_t c0 = cur + g0 + 1;
+    const int64_t c1 = c0 + g1 + 1;
+    cur = c1;
+    const float* p0 = in + tab[c0];
+    const float* p1 = in + tab[c1];
+    const __m256 w0 = _mm256_broadcast_ss(cb + cp[j]);
+    const __m256 w1 = _mm256_broadcast_ss(cb + cp[j + 1]);
     for (int v = 0; v < NV; ++v) {
-      const __m256 x0 = FULL ? _mm256_loadu_ps(p0 + 8 * v) : _mm256_maskload_ps(p0 + 8 * v, m[v]);
-      a[v] = _mm256_fmadd_ps(w0, x0, a[v]);
+      a[v] = _mm256_fmadd_ps(w0, SQZ_LD256(p0, v), a[v]);
+      b[v] = _mm256_fmadd_ps(w1, SQZ_LD256(p1, v), b[v]);
     }
+    j += 2;
   }
+#undef SQZ_LD256
   for (int v = 0; v < NV; ++v) _mm256_maskstore_ps(out + 8 * v, m[v], _mm256_add_ps(a[v], b[v]));
 }
 
-inline void tile_avx2(const float* in, const int32_t* off, const uint8_t* code, int64_t cnt,
-                      const float* cb, int len, float* out) {
-  if (len == 32) return tile_avx2_n<4, true>(in, off, code, cnt, cb, len, out);
-  if (len > 24) return tile_avx2_n<4, false>(in, off, code, cnt, cb, len, out);
-  if (len > 16) return tile_avx2_n<3, false>(in, off, code, cnt, cb, len, out);
-  if (len > 8) return tile_avx2_n<2, false>(in, off, code, cnt, cb, len, out);
-  return tile_avx2_n<1, false>(in, off, code, cnt, cb, len, out);
+inline void tile_avx2(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                      const int32_t* tab, const float* cb, int len, float* out) {
+  if (len == 32) return tile_avx2_n<4, true>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 24) return tile_avx2_n<4, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 16) return tile_avx2_n<3, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 8) return tile_avx2_n<2, false>(in, gp, cp, cnt, tab, cb, len, out);
+  return tile_avx2_n<1, false>(in, gp, cp, cnt, tab, cb, len, out);
 }
 #endif
 
 template <typename T>
-using TileFn = void (*)(const T*, const int32_t*, const uint8_t*, int64_t, const T*, int, T*);
+using TileFn = void (*)(const T*, const uint8_t*, const uint8_t*, int64_t, const int32_t*, const T*,
+                        int, T*);
+
+// One validated layer as the micro-kernels read it.
+template <typename T>
+struct Rows {
+  const uint8_t* gaps;
+  const uint8_t* codes;
+  const int64_t* row_start;  // [O + 1]
+  const int32_t* table;      // [K]: weight position -> input address offset
+  const T* cb;
+};
 
 template <typename T>
 struct Kernel {
@@ -214,21 +256,31 @@ inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilo
   }
 }
 
-// Rows [o0, o1) of a plan over q in [qa, qb): tiles outside, channels inside (the input tile
+// Rows [o0, o1) of a layer over q in [qa, qb): tiles outside, channels inside (the input tile
 // stays in cache across channels).
 template <typename T>
-inline void spmm_rows(const Kernel<T>& k, const T* in, const Plan& p, const T* cb, int64_t o0,
+inline void spmm_rows(const Kernel<T>& k, int tile, const T* in, const Rows<T>& L, int64_t o0,
                       int64_t o1, int64_t qa, int64_t qb, const Epilogue<T>& e) {
   alignas(64) T acc[kMaxTile];
-  for (int64_t q0 = qa; q0 < qb; q0 += k.tile) {
-    const int len = static_cast<int>(std::min<int64_t>(k.tile, qb - q0));
+  for (int64_t q0 = qa; q0 < qb; q0 += tile) {
+    const int len = static_cast<int>(std::min<int64_t>(tile, qb - q0));
     for (int64_t o = o0; o < o1; ++o) {
-      const int64_t rs = p.row_start[o];
-      k.fn(in + q0, p.offset.data() + rs, p.code.data() + rs, p.row_start[o + 1] - rs, cb, len,
-           acc);
+      const int64_t rs = L.row_start[o];
+      k.fn(in + q0, L.gaps + rs, L.codes + rs, L.row_start[o + 1] - rs, L.table, L.cb, len, acc);
       store_tile(acc, q0, len, o, e);
     }
   }
+}
+
+// Pixel tile length: the widest (<= k.tile, a multiple of a quarter of it) whose input slab
+// (`planes` input rows of tile + halo elements, read once per output channel) stays in L1.
+template <typename T>
+inline int fit_tile(const Kernel<T>& k, int64_t planes, int64_t halo) {
+  constexpr int64_t kL1Slab = 40 * 1024;
+  const int step = std::max(1, k.tile / 4);
+  int t = k.tile;
+  while (t > step && planes * (t + halo) * static_cast<int64_t>(sizeof(T)) > kL1Slab) t -= step;
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------
