@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -134,9 +135,9 @@ inline RowStarts validate_stream(const char* op, const char* pre, const Stream& 
   TORCH_CHECK(total == E, op, ": ", pre, "row_counts sum to ", total, " but codes/gaps have ", E,
               " entries");
   // codes: the largest non-filler code must be < n.
-  uint32_t max_code = 0;
+  uint8_t max_code = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const uint32_t c = gp[e] == kFillerGap ? 0u : cp[e];
+    const uint8_t c = gp[e] == kFillerGap ? uint8_t(0) : cp[e];
     max_code = c > max_code ? c : max_code;
   }
   if (static_cast<int64_t>(max_code) >= n) {
@@ -146,12 +147,14 @@ inline RowStarts validate_stream(const char* op, const char* pre, const Stream& 
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    int64_t sum = 0, fillers = 0;
-    for (int64_t e = rs[r]; e < rs[r + 1]; ++e) {
-      sum += gp[e];
-      fillers += gp[e] == kFillerGap;
+    // sum over entries of (gap + 1), minus 1 per filler: 32-bit partial sums per 2^23 entries.
+    int64_t last = -1;
+    for (int64_t e0 = rs[r]; e0 < rs[r + 1]; e0 += (int64_t(1) << 23)) {
+      const int64_t e1 = std::min(rs[r + 1], e0 + (int64_t(1) << 23));
+      uint32_t sum = 0;
+      for (int64_t e = e0; e < e1; ++e) sum += uint32_t(gp[e]) + (gp[e] != kFillerGap ? 1u : 0u);
+      last += sum;
     }
-    const int64_t last = -1 + sum + (rs[r + 1] - rs[r]) - fillers;
     TORCH_CHECK(last < K, op, ": ", pre, "gaps run past the end of row ", r, " (position ", last,
                 " >= K = ", K, ")");
   }

@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -32,7 +34,7 @@ using sqz::Isa;
 // which never exceeds what this build compiled.
 inline Isa active_isa() { return sqz::active_isa(); }
 
-constexpr int kMaxTile = 64;
+constexpr int kMaxTile = 128;
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels: out[q] = sum over the stored weights j of one row of
@@ -108,8 +110,45 @@ inline void tile_avx512_n(const float* in, const uint8_t* gp, const uint8_t* cp,
   for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_add_ps(a[v], b[v]));
 }
 
+// Wide tiles (65..128 pixels): 5..8 accumulators are enough independent FMA chains, so one
+// entry per iteration; the per-entry scalar work (gap, code, offset, broadcast) is amortised over
+// up to 8 vectors.
+template <int NV, bool FULL>
+inline void tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
+                             const int32_t* tab, const float* cb, int len, float* out) {
+  __m512 a[NV];
+  __mmask16 m[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int lanes = std::min(16, std::max(0, len - 16 * v));
+    m[v] = lanes >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1u);
+    a[v] = _mm512_setzero_ps();
+  }
+  int64_t cur = -1;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const uint32_t g0 = gp[j];
+    if (SQZ_UNLIKELY(g0 == kFillerGap)) {
+      cur += kFillerGap;
+      continue;
+    }
+    cur += g0 + 1;
+    const float* p0 = in + tab[cur];
+    const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x0 = (FULL || v < NV - 1) ? _mm512_loadu_ps(p0 + 16 * v)
+                                             : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, m[v], a[v]);
+}
+
 inline void tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
                         const int32_t* tab, const float* cb, int len, float* out) {
+  if (len == 128) return tile_avx512_wide<8, true>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 112) return tile_avx512_wide<8, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 96) return tile_avx512_wide<7, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 80) return tile_avx512_wide<6, false>(in, gp, cp, cnt, tab, cb, len, out);
+  if (len > 64) return tile_avx512_wide<5, false>(in, gp, cp, cnt, tab, cb, len, out);
   if (len == 64) return tile_avx512_n<4, true>(in, gp, cp, cnt, tab, cb, len, out);
   if (len > 48) return tile_avx512_n<4, false>(in, gp, cp, cnt, tab, cb, len, out);
   if (len > 32) return tile_avx512_n<3, false>(in, gp, cp, cnt, tab, cb, len, out);
@@ -191,23 +230,24 @@ template <typename T>
 struct Kernel {
   TileFn<T> fn;
   int tile;
+  bool wide;  // AVX-512 epilogue
 };
 
 template <typename T>
 inline Kernel<T> select_kernel(Isa) {
-  return {&tile_scalar<T>, 16};
+  return {&tile_scalar<T>, 16, false};
 }
 
 template <>
 inline Kernel<float> select_kernel<float>(Isa isa) {
 #if defined(__AVX512F__)
-  if (isa == Isa::Avx512) return {&tile_avx512, 64};
+  if (isa == Isa::Avx512) return {&tile_avx512, 128, true};
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) return {&tile_avx2, 32};
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) return {&tile_avx2, 32, false};
 #endif
   (void)isa;
-  return {&tile_scalar<float>, 16};
+  return {&tile_scalar<float>, 16, false};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -223,36 +263,61 @@ struct Epilogue {
   bool relu;
 };
 
+// One contiguous output segment: dst[c] = act(src[c] + b), c in [0, n).
 template <typename T>
-inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilogue<T>& e) {
-  const T b = e.bias ? e.bias[o] : T(0);
-  const int64_t end = q0 + len;
-  int64_t q = q0;
-  T* base = e.out + o * e.sC;
-  while (q < end) {
-    const int64_t row = q / e.in_w;
-    const int64_t col = q - row * e.in_w;
-    const int64_t seg_end = std::min(end, (row + 1) * e.in_w);
-    const int64_t cend = std::min(e.out_w, col + (seg_end - q));
-    const T* src = acc + (q - q0) - col;
-    T* dst = base + row * e.sH;
-    if (e.sW == 1) {
-      if (e.relu) {
-        for (int64_t c = col; c < cend; ++c) {
-          const T v = src[c] + b;
-          dst[c] = v < T(0) ? T(0) : v;
-        }
-      } else {
-        for (int64_t c = col; c < cend; ++c) dst[c] = src[c] + b;
+inline void store_segment(const T* src, T* dst, int64_t n, T b, bool relu, bool wide) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (wide) {
+      const __m512 vb = _mm512_set1_ps(b), z = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) {
+        const int64_t r = n - i;
+        const __mmask16 m = r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1u);
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + i), vb);
+        if (relu) v = _mm512_max_ps(z, v);  // max(0, NaN) = NaN, like torch.relu
+        _mm512_mask_storeu_ps(dst + i, m, v);
       }
-    } else {
-      for (int64_t c = col; c < cend; ++c) {
-        T v = src[c] + b;
-        if (e.relu && v < T(0)) v = T(0);
-        dst[c * e.sW] = v;
+      return;
+    }
+  }
+#endif
+  (void)wide;
+  if (relu) {
+    for (int64_t c = 0; c < n; ++c) {
+      const T v = src[c] + b;
+      dst[c] = v < T(0) ? T(0) : v;
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = src[c] + b;
+  }
+}
+
+template <typename T>
+inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilogue<T>& e,
+                       bool wide) {
+  const T b = e.bias ? e.bias[o] : T(0);
+  T* base = e.out + o * e.sC;
+  int64_t row = q0 / e.in_w;
+  int64_t col = q0 - row * e.in_w;
+  int64_t i = 0;  // index into acc
+  while (i < len) {
+    const int64_t seg = std::min<int64_t>(len - i, e.in_w - col);  // rest of this row in the tile
+    const int64_t valid = std::max<int64_t>(0, std::min(seg, e.out_w - col));
+    T* dst = base + row * e.sH + col * e.sW;
+    if (valid > 0) {
+      if (e.sW == 1) {
+        store_segment(acc + i, dst, valid, b, e.relu, wide);
+      } else {
+        for (int64_t c = 0; c < valid; ++c) {
+          T v = acc[i + c] + b;
+          if (e.relu && v < T(0)) v = T(0);
+          dst[c * e.sW] = v;
+        }
       }
     }
-    q = seg_end;
+    i += seg;
+    col = 0;
+    ++row;
   }
 }
 
@@ -262,12 +327,19 @@ template <typename T>
 inline void spmm_rows(const Kernel<T>& k, int tile, const T* in, const Rows<T>& L, int64_t o0,
                       int64_t o1, int64_t qa, int64_t qb, const Epilogue<T>& e) {
   alignas(64) T acc[kMaxTile];
-  for (int64_t q0 = qa; q0 < qb; q0 += tile) {
-    const int len = static_cast<int>(std::min<int64_t>(tile, qb - q0));
+  // Balanced tiles: as few as `tile` allows, equal lengths rounded up to a vector (no short
+  // tail tile that costs a full pass over the row's entries).
+  const int64_t n = qb - qa;
+  if (n <= 0) return;
+  const int64_t ntiles = (n + tile - 1) / tile;
+  const int64_t vec = std::max(1, k.tile / 8);
+  const int64_t step = std::min<int64_t>(tile, ((n + ntiles - 1) / ntiles + vec - 1) / vec * vec);
+  for (int64_t q0 = qa; q0 < qb; q0 += step) {
+    const int len = static_cast<int>(std::min<int64_t>(step, qb - q0));
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t rs = L.row_start[o];
       k.fn(in + q0, L.gaps + rs, L.codes + rs, L.row_start[o + 1] - rs, L.table, L.cb, len, acc);
-      store_tile(acc, q0, len, o, e);
+      store_tile(acc, q0, len, o, e, k.wide);
     }
   }
 }
@@ -276,7 +348,10 @@ inline void spmm_rows(const Kernel<T>& k, int tile, const T* in, const Rows<T>& 
 // (`planes` input rows of tile + halo elements, read once per output channel) stays in L1.
 template <typename T>
 inline int fit_tile(const Kernel<T>& k, int64_t planes, int64_t halo) {
-  constexpr int64_t kL1Slab = 40 * 1024;
+  static const int64_t kL1Slab = [] {
+    const char* e = std::getenv("SQZ_CB_SLAB_KB");
+    return (e ? std::atoll(e) : 24) * 1024;
+  }();
   const int step = std::max(1, k.tile / 4);
   int t = k.tile;
   while (t > step && planes * (t + halo) * static_cast<int64_t>(sizeof(T)) > kL1Slab) t -= step;
