@@ -134,16 +134,21 @@ inline RowStarts validate_stream(const char* op, const char* pre, const Stream& 
   rs[rows] = total;
   TORCH_CHECK(total == E, op, ": ", pre, "row_counts sum to ", total, " but codes/gaps have ", E,
               " entries");
-  // codes: the largest non-filler code must be < n.
-  uint8_t max_code = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const uint8_t c = gp[e] == kFillerGap ? uint8_t(0) : cp[e];
-    max_code = c > max_code ? c : max_code;
+  // codes: every non-filler code must be < n (branch-free, in blocks of 64 entries).
+  const uint8_t nmax = static_cast<uint8_t>(n - 1);  // n in [1, 256]
+  uint8_t bad = 0;
+  int64_t e = 0;
+  for (; e + 64 <= E; e += 64) {
+    uint8_t blk = 0;
+    for (int i = 0; i < 64; ++i)
+      blk |= static_cast<uint8_t>((gp[e + i] != 0xFF) & (cp[e + i] > nmax));
+    bad |= blk;
   }
-  if (static_cast<int64_t>(max_code) >= n) {
-    for (int64_t e = 0; e < E; ++e) {
-      TORCH_CHECK(is_filler(gp[e]) || cp[e] < n, op, ": ", pre, "codes[", e, "] = ",
-                  static_cast<int>(cp[e]), " is out of range for a codebook of ", n, " entries");
+  for (; e < E; ++e) bad |= static_cast<uint8_t>((gp[e] != 0xFF) & (cp[e] > nmax));
+  if (bad) {
+    for (int64_t i = 0; i < E; ++i) {
+      TORCH_CHECK(is_filler(gp[i]) || cp[i] < n, op, ": ", pre, "codes[", i, "] = ",
+                  static_cast<int>(cp[i]), " is out of range for a codebook of ", n, " entries");
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

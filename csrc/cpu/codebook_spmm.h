@@ -355,6 +355,9 @@ inline int fit_tile(const Kernel<T>& k, int64_t planes, int64_t halo) {
   const int step = std::max(1, k.tile / 4);
   int t = k.tile;
   while (t > step && planes * (t + halo) * static_cast<int64_t>(sizeof(T)) > kL1Slab) t -= step;
+  // If not even the narrowest tile fits, the slab streams from L2 whatever the width: then take
+  // the widest tile, which amortises the per-entry scalar work over the most vectors.
+  if (planes * (t + halo) * static_cast<int64_t>(sizeof(T)) > kL1Slab) t = k.tile;
   return t;
 }
 
