@@ -416,3 +416,23 @@ def test_torch_compile_fullgraph():
     x = torch.randn(2, C, 11, 11)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), net(x))
+
+
+def test_matches_compression_package_encoder():
+    # The resident format is a contract with sqz_kernels.compression (issue 4): streams encoded by
+    # its encoder run through these kernels equal its own reference decode.
+    resident = pytest.importorskip("sqz_kernels.compression.resident")
+    g = torch.Generator().manual_seed(5)
+    O, C = 24, 40
+    mask = torch.rand(O, C * 9, generator=g) < 0.2
+    mask[3] = False
+    mask[4, :] = False
+    mask[4, -1] = True  # a run of 359 zeros: fillers
+    codes2d = torch.randint(0, 64, (O, C * 9), generator=g)
+    codes, gaps, counts = resident.encode_rows(mask, codes2d)
+    cb = torch.randn(64, generator=g)
+    w = resident.decode_dense(cb.double(), codes, gaps, counts, (O, C, 3, 3))
+    x = torch.randn(2, C, 9, 9, generator=g)
+    y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 3, 2, 1, False)
+    _close(y, F.conv2d(x.double(), w, stride=2, padding=1))
+    torch.testing.assert_close(co.codebook_decode(cb.double(), codes, gaps, counts, C * 9), w.reshape(O, -1))
