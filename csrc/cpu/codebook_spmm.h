@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -348,10 +347,7 @@ inline void spmm_rows(const Kernel<T>& k, int tile, const T* in, const Rows<T>& 
 // (`planes` input rows of tile + halo elements, read once per output channel) stays in L1.
 template <typename T>
 inline int fit_tile(const Kernel<T>& k, int64_t planes, int64_t halo) {
-  static const int64_t kL1Slab = [] {
-    const char* e = std::getenv("SQZ_CB_SLAB_KB");
-    return (e ? std::atoll(e) : 24) * 1024;
-  }();
+  constexpr int64_t kL1Slab = 24 * 1024;  // of a 32 KB L1d
   const int step = std::max(1, k.tile / 4);
   int t = k.tile;
   while (t > step && planes * (t + halo) * static_cast<int64_t>(sizeof(T)) > kL1Slab) t -= step;
