@@ -20,6 +20,20 @@ TORCH_LIBRARY(sqz_kernels, m) {
   m.def("cpu_isa() -> str", &sqz::cpu_isa);
   // Restrict the CPU kernels to a narrower instruction set (for tests and comparisons).
   m.def("set_cpu_isa(str isa) -> ()", &sqz::set_cpu_isa);
+  // Sparse-codebook ops (issue 5): the resident Deep Compression form of a weight [O, K] is
+  // codebook [n<=256] (x's dtype), codes uint8 [E], relative gaps uint8 [E] (255 = filler),
+  // row_counts int32 [O]; see csrc/codebook.h. No dense float weight is ever built.
+  m.def(
+      "codebook_conv2d(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, Tensor row_counts, "
+      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
+  m.def(
+      "codebook_linear(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, Tensor row_counts, "
+      "Tensor? bias, bool relu) -> Tensor");
+  m.def(
+      "codebook_fused_fire(Tensor x, Tensor sq_codebook, Tensor sq_codes, Tensor sq_gaps, "
+      "Tensor sq_counts, Tensor? sq_bias, Tensor e1_codebook, Tensor e1_codes, Tensor e1_gaps, "
+      "Tensor e1_counts, Tensor? e1_bias, Tensor e3_codebook, Tensor e3_codes, Tensor e3_gaps, "
+      "Tensor e3_counts, Tensor? e3_bias) -> Tensor");
 }
 
 #ifndef SQZ_NO_PYTHON

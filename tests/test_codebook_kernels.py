@@ -1,0 +1,438 @@
+"""Sparse-codebook kernels (issue 5) against the float64 reference (decoded weight + ATen conv)."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sqz_kernels  # noqa: F401
+from sqz_kernels import codebook_ops as co
+
+sys.path.insert(0, os.path.dirname(__file__))
+from codebook_helpers import args, make_layer  # noqa: E402
+
+ISAS = ["avx512", "avx2", "scalar"]
+
+
+def _available_isas():
+    out = []
+    best = torch.ops.sqz_kernels.cpu_isa()
+    for isa in ISAS[ISAS.index(best):]:
+        out.append(isa)
+    return out
+
+
+@pytest.fixture(params=_available_isas())
+def isa(request):
+    torch.ops.sqz_kernels.set_cpu_isa(request.param)
+    yield request.param
+    torch.ops.sqz_kernels.set_cpu_isa("best")
+
+
+def _poison(shape, dtype):
+    # Freed NaN-filled memory of the output's size is what the allocator hands out next, so an
+    # element the kernel does not write shows up as NaN (best effort; malloc may differ).
+    t = torch.full(shape, float("nan"), dtype=dtype)
+    del t
+
+
+def _close(y, ref):
+    assert not torch.isnan(y).any(), "unwritten (NaN) output elements"
+    scale = max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _conv_ref(x, L, C, k, s, p, relu):
+    O = L["row_counts"].shape[0]
+    w = L["dense"].reshape(O, C, k[0], k[1])
+    b = L["bias"].double() if L["bias"] is not None else None
+    y = F.conv2d(x.double(), w, b, s, p)
+    return F.relu(y) if relu else y
+
+
+CONV_CASES = [
+    # C, O, k, stride, pad, H, W
+    (16, 24, (1, 1), (1, 1), (0, 0), 13, 13),
+    (16, 24, (3, 3), (1, 1), (1, 1), 13, 13),
+    (3, 20, (7, 7), (2, 2), (0, 0), 37, 31),
+    (3, 17, (3, 3), (2, 2), (0, 0), 23, 25),
+    (7, 5, (3, 3), (2, 2), (1, 1), 10, 11),
+    (5, 9, (1, 1), (2, 2), (0, 0), 9, 8),
+    (4, 6, (3, 3), (1, 1), (2, 2), 1, 1),
+    (11, 13, (3, 1), (1, 2), (1, 0), 1, 17),
+    (2, 3, (7, 7), (1, 1), (3, 3), 6, 70),
+    (40, 8, (3, 3), (1, 1), (1, 1), 5, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"C{c[0]}O{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}p{c[4][0]}_{c[5]}x{c[6]}")
+@pytest.mark.parametrize("density", [1.0, 0.33, 0.1, 0.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_matches_reference(case, density, channels_last, isa):
+    C, O, k, s, p, H, W = case
+    L = make_layer(O, C * k[0] * k[1], density, bits=6, seed=hash(case) % 1000, force_fillers=True)
+    x = torch.randn(2, C, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    Ho = (H + 2 * p[0] - k[0]) // s[0] + 1
+    Wo = (W + 2 * p[1] - k[1]) // s[1] + 1
+    _poison((2, O, Ho, Wo), torch.float32)
+    for relu in (True, False):
+        y = co.codebook_conv2d(x, *args(L), k, s, p, relu)
+        assert y.shape == (2, O, Ho, Wo)
+        if channels_last and not x.is_contiguous():
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert y.is_contiguous()
+        _close(y, _conv_ref(x, L, C, k, s, p, relu))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_conv2d_all_bit_widths(bits):
+    C, O = 12, 10
+    L = make_layer(O, C * 9, 0.33, bits=bits, seed=bits)
+    x = torch.randn(1, C, 9, 7)
+    _close(co.codebook_conv2d(x, *args(L), 3, 1, 1, False), _conv_ref(x, L, C, (3, 3), 1, 1, False))
+
+
+def test_conv2d_fillers_and_empty_rows():
+    # K = 64*9 = 576 > 255: row 0 holds one weight at position 575 behind two fillers; row 1 is empty.
+    C, O = 64, 6
+    L = make_layer(O, C * 9, 0.05, bits=4, seed=3, force_fillers=True)
+    assert (L["gaps"] == 255).sum() >= 2
+    assert L["row_counts"][1] == 0
+    x = torch.randn(1, C, 8, 8)
+    y = co.codebook_conv2d(x, *args(L), 3, 1, 1, False)
+    _close(y, _conv_ref(x, L, C, (3, 3), 1, 1, False))
+    # an empty row outputs exactly its bias
+    torch.testing.assert_close(y[0, 1], L["bias"][1].expand(8, 8))
+
+
+def test_conv2d_trailing_filler_and_no_bias():
+    # a row that ends on a filler entry (allowed while the cursor stays < K)
+    C, O = 40, 2  # K = 360
+    codes = torch.tensor([3, 0, 1, 0], dtype=torch.uint8)
+    gaps = torch.tensor([4, 255, 9, 255], dtype=torch.uint8)  # row0: pos 4, filler -> 259; row1: pos 9, -> 264
+    counts = torch.tensor([2, 2], dtype=torch.int32)
+    cb = torch.randn(4)
+    x = torch.randn(1, C, 3, 3)
+    y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 3, 1, 1, False)
+    w = co.codebook_decode(cb.double(), codes, gaps, counts, C * 9)
+    assert w[0, 4] == cb[3].double() and w[1, 9] == cb[1].double() and (w != 0).sum() == 2
+    _close(y, F.conv2d(x.double(), w.reshape(2, C, 3, 3), padding=1))
+
+
+def test_conv2d_noncontiguous_and_batch0():
+    C, O = 8, 12
+    L = make_layer(O, C * 9, 0.33, 6)
+    xb = torch.randn(3, 2 * C, 15, 16)
+    x = xb[:, ::2, 1:, ::2]  # non-contiguous in every dimension
+    _close(co.codebook_conv2d(x, *args(L), 3, 2, 1, True), _conv_ref(x, L, C, (3, 3), 2, 1, True))
+    x0 = torch.randn(0, C, 5, 5)
+    assert co.codebook_conv2d(x0, *args(L), 3, 1, 1, True).shape == (0, O, 5, 5)
+
+
+def test_conv2d_large_batch_threads():
+    C, O = 16, 32
+    L = make_layer(O, C * 9, 0.33, 6)
+    x = torch.randn(9, C, 12, 12)
+    n = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            _close(co.codebook_conv2d(x, *args(L), 3, 1, 1, True), _conv_ref(x, L, C, (3, 3), 1, 1, True))
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_float64():
+    C, O = 6, 7
+    L = make_layer(O, C * 9, 0.5, 5, dtype=torch.float64)
+    x = torch.randn(2, C, 6, 5, dtype=torch.float64)
+    y = co.codebook_conv2d(x, *args(L), 3, 1, 1, True)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _conv_ref(x, L, C, (3, 3), 1, 1, True), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 700), (5, 700), (40, 700), (2, 3, 700), (700,)])
+@pytest.mark.parametrize("density", [1.0, 0.33, 0.1, 0.0])
+def test_linear_matches_reference(shape, density, isa):
+    L = make_layer(30, 700, density, 5, force_fillers=True, seed=len(shape))
+    x = torch.randn(*shape)
+    for relu in (False, True):
+        y = co.codebook_linear(x, *args(L), relu=relu)
+        ref = x.double() @ L["dense"].T + L["bias"].double()
+        if relu:
+            ref = F.relu(ref)
+        assert y.shape == (*shape[:-1], 30)
+        _close(y, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused Fire
+# ---------------------------------------------------------------------------------------------
+def _fire_layers(C, S, E1, E3, density, bits=6, dtype=torch.float32, bias=True, seed=0):
+    return (make_layer(S, C, density, bits, dtype, seed=seed + 1, bias=bias),
+            make_layer(E1, S, density, bits, dtype, seed=seed + 2, bias=bias),
+            make_layer(E3, 9 * S, density, bits, dtype, seed=seed + 3, bias=bias, force_fillers=True))
+
+
+def _fire_ref(x, layers):
+    return co.codebook_fire_reference(
+        x.double(), *[(l["codebook"].double(), l["codes"], l["gaps"], l["row_counts"],
+                       l["bias"].double() if l["bias"] is not None else None) for l in layers])
+
+
+FIRE_CASES = [
+    (96, 16, 64, 64, 13, 13),   # SqueezeNet 1.0 fire2 shape on a 13x13 map
+    (64, 16, 64, 64, 27, 27),
+    (512, 64, 256, 256, 13, 13),  # SqueezeNet fire9
+    (37, 7, 5, 11, 1, 9),       # 1xN, prime channel counts
+    (12, 5, 3, 4, 17, 3),
+    (8, 3, 2, 2, 1, 1),         # 1x1 map
+    (64, 32, 16, 48, 6, 40),    # K(e3) = 288 > 255: fillers
+]
+
+
+@pytest.mark.parametrize("case", FIRE_CASES, ids=lambda c: "_".join(map(str, c)))
+@pytest.mark.parametrize("density", [1.0, 0.33, 0.1, 0.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_fire_matches_reference(case, density, channels_last, isa):
+    C, S, E1, E3, H, W = case
+    layers = _fire_layers(C, S, E1, E3, density, seed=C)
+    x = torch.randn(2, C, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _poison((2, E1 + E3, H, W), torch.float32)
+    y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+    assert y.shape == (2, E1 + E3, H, W)
+    if channels_last and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, _fire_ref(x, layers))
+
+
+def test_fused_fire_no_bias_threads_noncontiguous():
+    layers = _fire_layers(20, 6, 7, 9, 0.33, bias=False)
+    x = torch.randn(5, 40, 11, 9)[:, ::2]
+    n = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+            _close(y, _fire_ref(x, layers))
+    finally:
+        torch.set_num_threads(n)
+    assert co.codebook_fused_fire(x[:0], *args(layers[0]), *args(layers[1]), *args(layers[2])).shape == (0, 16, 11, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs -> RuntimeError naming the argument
+# ---------------------------------------------------------------------------------------------
+def _good():
+    L = make_layer(4, 8 * 9, 0.5, 3)
+    return torch.randn(1, 8, 5, 5), L
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(codes=a["codes"].clone().fill_(200)), "codes"),
+    (lambda a: a.update(row_counts=a["row_counts"] + 1), "row_counts sum"),
+    (lambda a: a.update(row_counts=torch.tensor([-1, 0, 0, a["codes"].numel() + 1], dtype=torch.int32)), "negative"),
+    (lambda a: a.update(gaps=torch.full_like(a["gaps"], 254)), "gaps run past"),
+    (lambda a: a.update(codes=a["codes"].to(torch.int32)), "codes must be a 1-D uint8"),
+    (lambda a: a.update(gaps=a["gaps"].to(torch.int64)), "gaps must be a 1-D uint8"),
+    (lambda a: a.update(row_counts=a["row_counts"].to(torch.int64)), "row_counts must be a 1-D int32"),
+    (lambda a: a.update(gaps=a["gaps"][:-1]), "equal length"),
+    (lambda a: a.update(codebook=a["codebook"].double()), "codebook has dtype"),
+    (lambda a: a.update(codebook=torch.randn(300)), "1..256"),
+    (lambda a: a.update(bias=torch.randn(5)), "bias must have shape"),
+])
+def test_bad_inputs(mutate, match):
+    x, L = _good()
+    a = dict(L)
+    mutate(a)
+    with pytest.raises(RuntimeError, match=match):
+        co.codebook_conv2d(x, a["codebook"], a["codes"], a["gaps"], a["row_counts"], a["bias"], 3, 1, 1, True)
+
+
+def test_bad_geometry_and_fire_names():
+    x, L = _good()
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        co.codebook_conv2d(x[0], *args(L), 3, 1, 1, True)
+    with pytest.raises(RuntimeError, match="gaps run past"):  # K = 8 for a 1x1 conv on 8 channels
+        co.codebook_conv2d(x, *args(L), 1, 1, 0, True)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        co.codebook_conv2d(x, *args(L), 7, 1, 0, True)
+    with pytest.raises(RuntimeError, match="stride"):
+        co.codebook_conv2d(x, *args(L), 3, 0, 1, True)
+    with pytest.raises(ValueError, match="dilation"):
+        co.codebook_conv2d(x, *args(L), 3, 1, 1, True, dilation=2)
+    with pytest.raises(ValueError, match="groups"):
+        co.codebook_conv2d(x, *args(L), 3, 1, 1, True, groups=2)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        co.codebook_conv2d(x.half(), *args(L), 3, 1, 1, True)
+    layers = _fire_layers(8, 4, 3, 3, 0.5)
+    bad = dict(layers[2])
+    bad["codes"] = bad["codes"].clone().fill_(99)
+    with pytest.raises(RuntimeError, match="e3_codes"):
+        co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(bad))
+    with pytest.raises(RuntimeError, match="e1_gaps run past"):  # e1 rows built for K = 4 read as K = 4 -> ok; use sq stream as e1
+        co.codebook_fused_fire(x, *args(layers[0]), *args(layers[2]), *args(layers[2]))
+    with pytest.raises(RuntimeError, match="sq_row_counts"):
+        co.codebook_fused_fire(x, layers[0]["codebook"], layers[0]["codes"], layers[0]["gaps"],
+                               layers[0]["row_counts"].long(), None, *args(layers[1]), *args(layers[2]))
+    with pytest.raises(RuntimeError, match="codebook_linear: codes"):
+        co.codebook_linear(torch.randn(2, 72), L["codebook"], L["codes"].clone().fill_(9),
+                           L["gaps"], L["row_counts"], None)
+
+
+# ---------------------------------------------------------------------------------------------
+# no dense float weight during forward: peak memory bound on a layer whose dense weight is 256 MB
+# ---------------------------------------------------------------------------------------------
+def test_no_dense_weight_is_allocated():
+    code = textwrap.dedent("""
+        import resource, torch, sqz_kernels
+        from sqz_kernels import codebook_ops as co
+        torch.set_num_threads(1)
+        O = K = 8192  # dense fp32 weight: 256 MB; stored: 4 entries per row
+        g = torch.Generator().manual_seed(0)
+        gaps = torch.randint(0, 200, (O * 4,), dtype=torch.uint8, generator=g)
+        codes = torch.randint(0, 64, (O * 4,), dtype=torch.uint8, generator=g)
+        counts = torch.full((O,), 4, dtype=torch.int32)
+        cb = torch.randn(64)
+        x = torch.randn(1, K, 2, 2)
+        xl = torch.randn(3, K)
+        with torch.no_grad():
+            co.codebook_conv2d(x, cb, codes, gaps, counts, None, 1, 1, 0, False)  # warm up
+            co.codebook_linear(xl, cb, codes, gaps, counts, None)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            for _ in range(3):
+                y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 1, 1, 0, True)
+                z = co.codebook_linear(xl, cb, codes, gaps, counts, None)
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) // 1024)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grew_mb = int(out.stdout.strip().splitlines()[-1])
+    assert grew_mb < 32, f"peak RSS grew by {grew_mb} MB during forward (a dense weight is 256 MB)"
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck, gradcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_opcheck_conv2d():
+    C, O = 5, 6
+    L = make_layer(O, C * 9, 0.5, 4)
+    for relu, bias in ((True, L["bias"]), (False, None)):
+        x = torch.randn(2, C, 7, 6, requires_grad=True)
+        cb = L["codebook"].clone().requires_grad_()
+        b = bias.clone().requires_grad_() if bias is not None else None
+        torch.library.opcheck(torch.ops.sqz_kernels.codebook_conv2d,
+                              (x, cb, L["codes"], L["gaps"], L["row_counts"], b, [3, 3], [2, 2], [1, 1], relu))
+    xcl = torch.randn(2, C, 7, 6).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.sqz_kernels.codebook_conv2d,
+                          (xcl, L["codebook"], L["codes"], L["gaps"], L["row_counts"], None, [3, 3], [1, 1], [1, 1], True))
+
+
+def test_opcheck_linear_and_fire():
+    L = make_layer(6, 20, 0.5, 4)
+    x = torch.randn(3, 20, requires_grad=True)
+    torch.library.opcheck(torch.ops.sqz_kernels.codebook_linear,
+                          (x, L["codebook"].clone().requires_grad_(), L["codes"], L["gaps"], L["row_counts"],
+                           L["bias"].clone().requires_grad_(), True))
+    layers = _fire_layers(6, 4, 3, 5, 0.5)
+    flat = []
+    for l in layers:
+        flat += [l["codebook"].clone().requires_grad_(), l["codes"], l["gaps"], l["row_counts"],
+                 l["bias"].clone().requires_grad_()]
+    x = torch.randn(2, 6, 5, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.sqz_kernels.codebook_fused_fire, (x, *flat))
+
+
+def _dbl(l):
+    return (l["codebook"].double().requires_grad_(), l["codes"], l["gaps"], l["row_counts"],
+            l["bias"].double().requires_grad_())
+
+
+def test_gradcheck_conv2d_and_linear():
+    C, O = 4, 5
+    L = make_layer(O, C * 9, 0.5, 3, dtype=torch.float64)
+    x = torch.randn(2, C, 6, 5, dtype=torch.float64, requires_grad=True)
+    cb, codes, gaps, counts, b = _dbl(L)
+    assert torch.autograd.gradcheck(
+        lambda x, cb, b: co.codebook_conv2d(x, cb, codes, gaps, counts, b, 3, 2, 1, False), (x, cb, b))
+    L = make_layer(6, 300, 0.1, 3, dtype=torch.float64, force_fillers=True)
+    x = torch.randn(3, 300, dtype=torch.float64, requires_grad=True)
+    cb, codes, gaps, counts, b = _dbl(L)
+    assert torch.autograd.gradcheck(
+        lambda x, cb, b: co.codebook_linear(x, cb, codes, gaps, counts, b), (x, cb, b))
+
+
+def test_gradcheck_fire():
+    layers = _fire_layers(5, 3, 2, 4, 0.6, dtype=torch.float64)
+    sq, e1, e3 = (_dbl(l) for l in layers)
+    x = torch.randn(1, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, a, b, c, d, e, g):
+        return co.codebook_fused_fire(x, a, *sq[1:4], b, c, *e1[1:4], d, e, *e3[1:4], g)
+
+    assert torch.autograd.gradcheck(f, (x, sq[0], sq[4], e1[0], e1[4], e3[0], e3[4]))
+
+
+def test_grad_codebook_is_grouped_weight_gradient():
+    # dL/dC_k == sum of dL/dW over the positions whose code is k (compared with autograd through
+    # the decoded dense weight)
+    C, O = 6, 8
+    L = make_layer(O, C * 9, 0.4, 3, dtype=torch.float64)
+    x = torch.randn(2, C, 5, 5, dtype=torch.float64)
+    cb = L["codebook"].clone().requires_grad_()
+    co.codebook_conv2d(x, cb, L["codes"], L["gaps"], L["row_counts"], None, 3, 1, 1, True).square().sum().backward()
+    cb2 = L["codebook"].clone().requires_grad_()
+    w = co.codebook_decode(cb2, L["codes"], L["gaps"], L["row_counts"], C * 9).reshape(O, C, 3, 3)
+    F.relu(F.conv2d(x, w, padding=1)).square().sum().backward()
+    torch.testing.assert_close(cb.grad, cb2.grad)
+
+
+def test_torch_compile_fullgraph():
+    C, O = 8, 12
+    L = make_layer(O, C * 9, 0.33, 6)
+    layers = _fire_layers(O, 4, 6, 6, 0.33)
+    head = make_layer(5, 10 * 3 * 3, 0.5, 4)
+
+    def net(x):
+        y = co.codebook_conv2d(x, *args(L), 3, 2, 1, True)
+        y = co.codebook_fused_fire(y, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+        return co.codebook_linear(y[:, :10].flatten(1)[:, :90], *args(head), relu=False)
+
+    x = torch.randn(2, C, 11, 11)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), net(x))
+
+
+def test_matches_compression_package_encoder():
+    # The resident format is a contract with sqz_kernels.compression (issue 4): streams encoded by
+    # its encoder run through these kernels equal its own reference decode.
+    resident = pytest.importorskip("sqz_kernels.compression.resident")
+    g = torch.Generator().manual_seed(5)
+    O, C = 24, 40
+    mask = torch.rand(O, C * 9, generator=g) < 0.2
+    mask[3] = False
+    mask[4, :] = False
+    mask[4, -1] = True  # a run of 359 zeros: fillers
+    codes2d = torch.randint(0, 64, (O, C * 9), generator=g)
+    codes, gaps, counts = resident.encode_rows(mask, codes2d)
+    cb = torch.randn(64, generator=g)
+    w = resident.decode_dense(cb.double(), codes, gaps, counts, (O, C, 3, 3))
+    x = torch.randn(2, C, 9, 9, generator=g)
+    y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 3, 2, 1, False)
+    _close(y, F.conv2d(x.double(), w, stride=2, padding=1))
+    torch.testing.assert_close(co.codebook_decode(cb.double(), codes, gaps, counts, C * 9), w.reshape(O, -1))
