@@ -88,3 +88,10 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sqz_kernels::fused_fire", _backward, setup_context=_setup_context)
+
+
+# The sparse-codebook ops (Deep Compression weights executed directly) live in their own file.
+from .codebook_ops import *  # noqa: E402,F401,F403
+from .codebook_ops import __all__ as _codebook_all  # noqa: E402
+
+__all__ += _codebook_all
