@@ -107,15 +107,16 @@ def _check_basic(codes: Tensor, gaps: Tensor, row_counts: Tensor, num_rows: int)
         raise ValueError(f"row_counts sum to {total} but the streams hold {gaps.numel()} entries")
 
 
-def decode_positions(gaps: Tensor, row_counts: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def decode_positions(gaps: Tensor, row_counts: Tensor, k: int, filler: int = FILLER) -> Tuple[Tensor, Tensor]:
     """(real, cursor): for every entry, whether it carries a weight (not a filler) and its column.
-    Raises ValueError when a cursor runs to K or past it. Assumes _check_basic passed."""
+    Raises ValueError when a cursor runs to K or past it. Assumes _check_basic passed. `filler`
+    is the gap value of a filler entry (255 resident; 2**index_bits - 1 in the file)."""
     e = gaps.numel()
     if e == 0:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
     g = gaps.to(torch.int64)
-    real = g != FILLER
-    step = torch.where(real, g + 1, torch.full_like(g, FILLER))
+    real = g != filler
+    step = torch.where(real, g + 1, torch.full_like(g, filler))
     cs = torch.cumsum(step, 0)
     counts = row_counts.to(torch.int64)
     starts = torch.cumsum(counts, 0) - counts            # first entry of each row
