@@ -60,7 +60,7 @@ class _CodebookLayer(nn.Module):
                 self.bias.copy_(bias)
 
     def compress_weight_(self, weight: Tensor, mask: Optional[Tensor] = None, init: str = "linear",
-                         iters: int = 100) -> None:
+                         iters: int = 300) -> None:
         """Quantize a dense `weight` (entries where `mask`, default: weight != 0) with per-layer
         k-means at self.bits and install the result."""
         if tuple(weight.shape) != tuple(self.weight_shape):
@@ -126,7 +126,8 @@ class CodebookConv2d(_CodebookLayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bits: int = 8, mask: Optional[Tensor] = None,
-                  init: str = "linear") -> "CodebookConv2d":
+                  init: str = "linear", iters: int = 300) -> "CodebookConv2d":
+        """Compress a Conv2d: entries where `mask` (default: weight != 0), k-means at `bits`."""
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"from_conv: expected nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" \
@@ -135,7 +136,7 @@ class CodebookConv2d(_CodebookLayer):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 bias=conv.bias is not None, bits=bits)
         m.to(conv.weight.device)
-        m.compress_weight_(conv.weight, mask, init)
+        m.compress_weight_(conv.weight, mask, init, iters)
         if conv.bias is not None:
             with torch.no_grad():
                 m.bias.copy_(conv.bias)
@@ -164,12 +165,13 @@ class CodebookLinear(_CodebookLayer):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int = 5, mask: Optional[Tensor] = None,
-                    init: str = "linear") -> "CodebookLinear":
+                    init: str = "linear", iters: int = 300) -> "CodebookLinear":
+        """Compress a Linear: entries where `mask` (default: weight != 0), k-means at `bits`."""
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"from_linear: expected nn.Linear, got {type(lin).__name__}")
         m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, bits=bits)
         m.to(lin.weight.device)
-        m.compress_weight_(lin.weight, mask, init)
+        m.compress_weight_(lin.weight, mask, init, iters)
         if lin.bias is not None:
             with torch.no_grad():
                 m.bias.copy_(lin.bias)

@@ -94,7 +94,7 @@ def _kind(m):
 def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset: Optional[str] = None,
              init: str = "linear", prune_schedule=None, prune_finetune=None,
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, index_bits: Union[int, str] = 8,
-             codebook_dtype: str = "float32", kmeans_iters: int = 100,
+             codebook_dtype: str = "float32", kmeans_iters: int = 300,
              progress: bool = True) -> CompressionReport:
     """Deep Compression of `model`, in place: prune -> (retrain) -> k-means share -> fine-tune.
 
@@ -108,6 +108,7 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
     init: k-means centroid initialisation, 'linear' (default), 'density' or 'random'.
     prune_schedule: None (one shot), an int number of steps, or a decreasing list of densities;
         prune_finetune (same forms as finetune) retrains after each step with masks held.
+    kmeans_iters: the most Lloyd iterations per layer.
     filter_fn(name, module) -> bool may keep a layer dense. index_bits / codebook_dtype: the
         storage settings the report assumes (pass the same to save()).
     Conv2d -> CodebookConv2d, Linear -> CodebookLinear, Fire-like -> CodebookFire."""
@@ -139,9 +140,9 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
     new = {}
     for name, m in tqdm(layers.items(), desc="k-means", disable=not progress, leave=False):
         if isinstance(m, nn.Linear):
-            new[name] = CodebookLinear.from_linear(m, nbits[name], masks[name], init)
+            new[name] = CodebookLinear.from_linear(m, nbits[name], masks[name], init, kmeans_iters)
         else:
-            new[name] = CodebookConv2d.from_conv(m, nbits[name], masks[name], init)
+            new[name] = CodebookConv2d.from_conv(m, nbits[name], masks[name], init, kmeans_iters)
     _swap(model, new)
     for f in fires:
         convs = [model.get_submodule(f"{f}.{c}") for c in ("squeeze", "expand1x1", "expand3x3")]

@@ -149,7 +149,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], index_bits: Union[int,
     crc = {k: zlib.crc32(_tensor_bytes(v)) for k, v in tensors.items() if k != STREAMS}
     meta = {"format": FORMAT, "version": VERSION, "chunk": chunk, "codebook_dtype": codebook_dtype,
             "layers": meta_layers, "fires": fires, "crc": crc}
-    data = st_save(tensors, metadata={"sqz": json.dumps(meta, separators=(",", ":"))})
+    text = json.dumps(meta, separators=(",", ":"))
+    # the metadata carries the Huffman tables and offsets: a CRC guards it like the streams
+    data = st_save(tensors, metadata={"sqz": text, "sqz_crc32": str(zlib.crc32(text.encode()))})
     with open(path, "wb") as f:
         f.write(data)
     return len(data)
@@ -207,6 +209,8 @@ def _check_meta(header: Dict) -> Dict:
     md = header.get("__metadata__")
     if not isinstance(md, dict) or "sqz" not in md:
         _fail("no 'sqz' metadata (not a file written by sqz_kernels.save)")
+    if not isinstance(md["sqz"], str) or md.get("sqz_crc32") != str(zlib.crc32(md["sqz"].encode())):
+        _fail("CRC32 mismatch in the 'sqz' metadata (corrupt header)")
     try:
         meta = json.loads(md["sqz"])
     except (TypeError, json.JSONDecodeError) as e:

@@ -28,7 +28,7 @@ def init_centroids(sorted_x: np.ndarray, k: int, init: str, rng: np.random.Gener
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def kmeans_1d(values, bits: int, init: str = "linear", iters: int = 100, tol: float = 1e-7,
+def kmeans_1d(values, bits: int, init: str = "linear", iters: int = 300, tol: float = 1e-7,
               seed: int = 0) -> Tuple[Tensor, Tensor]:
     """Cluster 1-D `values` into at most 2**bits shared values.
 

@@ -1,0 +1,150 @@
+"""Deep Compression accuracy on real data that ships with scikit-learn: the 8x8 digits, upscaled.
+
+Trains SqueezeNet 1.0 (num_classes=10) from scratch, then compresses copies of it:
+  pruning only        33 % density, retrained with masks held
+  quantization only   6-bit codebooks on all weights, centroids fine-tuned
+  Deep Compression    33 % + 6-bit (+ centroid fine-tuning), saved to .sqz and reloaded
+and prints held-out accuracy and sizes. Run:  python bench/compress_digits.py [--size 48]
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def digits_tensors(size: int, seed: int = 0):
+    """(x_train, y_train, x_test, y_test): 3-channel size x size images, 80/20 stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.int64)
+    i_tr, i_te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=d.target)
+    return x[i_tr], y[i_tr], x[i_te], y[i_te]
+
+
+def batches(x, y, bs, seed):
+    """Endless shuffled mini-batches (a new permutation per epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y) - bs + 1, bs):
+            j = perm[i:i + bs]
+            yield x[j], y[j]
+
+
+class Loader:
+    """An iterable of `steps` batches, for FineTune (which cycles it)."""
+
+    def __init__(self, x, y, bs, steps, seed):
+        self.x, self.y, self.bs, self.steps, self.seed = x, y, bs, steps, seed
+
+    def __iter__(self):
+        it = batches(self.x, self.y, self.bs, self.seed)
+        return (next(it) for _ in range(self.steps))
+
+
+def train(model, x, y, steps, lr, bs=64, seed=0):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    model.train()
+    it = batches(x, y, bs, seed)
+    for _ in range(steps):
+        xb, yb = next(it)
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+
+
+@torch.no_grad()
+def accuracy(model, x, y):
+    model.eval()
+    return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+def make_model():
+    try:
+        import sqz_kernels
+        return sqz_kernels.models.squeezenet1_0(num_classes=10)
+    except ImportError:  # the package needs its built extension; torchvision's net is identical
+        import torchvision
+        return torchvision.models.squeezenet1_0(num_classes=10)
+
+
+def run(size=48, epochs=20, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits=6, seed=0,
+        log=print):
+    from sqz_kernels import compression as C
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = digits_tensors(size, seed)
+    bs = 64
+    steps_per_epoch = len(ytr) // bs
+    t0 = time.time()
+    base = make_model()
+    train(base, xtr, ytr, epochs * steps_per_epoch, lr, bs, seed)
+    rows = [("dense fp32 (trained)", accuracy(base, xte, yte), None)]
+    log(f"trained {epochs} epochs at {size}x{size} in {time.time() - t0:.0f} s: "
+        f"{rows[0][1]:.2f} % on {len(yte)} held-out digits")
+    ft_steps = ft_epochs * steps_per_epoch
+    ft = lambda desc: C.FineTune(Loader(xtr, ytr, bs, ft_steps, seed + 1), F.cross_entropy,  # noqa: E731
+                                 ft_steps, lr=ft_lr, progress=False, desc=desc)
+
+    # pruning only: masks from magnitude, retrained with the masks held (dense weights)
+    m = copy.deepcopy(base)
+    layers, _, _ = C.compressible_layers(m)
+    from sqz_kernels.compression.prune import prune_
+    prune_(layers, {n: density for n in layers})
+    rows.append((f"pruned {density:.0%}, no retrain", accuracy(m, xte, yte), None))
+    with C.MaskHold(layers, {n: l.weight != 0 for n, l in layers.items()}):
+        ft("prune")(m)
+    rows.append((f"pruned {density:.0%} + retrain", accuracy(m, xte, yte), None))
+
+    # quantization only: every weight kept, 6-bit shared centroids, fine-tuned
+    m = copy.deepcopy(base)
+    C.compress(m, density=1.0, bits=bits, progress=False)
+    rows.append((f"{bits}-bit, no fine-tune", accuracy(m, xte, yte), None))
+    ft("quant")(m)
+    rows.append((f"{bits}-bit + centroid fine-tune", accuracy(m, xte, yte), None))
+
+    # Deep Compression: prune -> retrain -> quantize -> fine-tune centroids, through the file
+    m = copy.deepcopy(base)
+    rep = C.compress(m, density=density, bits=bits, prune_finetune=ft("prune"), progress=False)
+    rows.append((f"{density:.0%} + {bits}-bit, no centroid fine-tune", accuracy(m, xte, yte), None))
+    ft("centroids")(m)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "digits.sqz")
+        nbytes = C.save(m, path)
+        m2 = C.load(path, make_model())
+    rows.append((f"{density:.0%} + {bits}-bit + fine-tune (from .sqz)", accuracy(m2, xte, yte), nbytes))
+    log(f"{'model':<44}{'top-1 %':>9}{'delta':>8}")
+    for name, acc, nb in rows:
+        extra = f"   file {nb} B" if nb else ""
+        log(f"{name:<44}{acc:>9.2f}{acc - rows[0][1]:>+8.2f}{extra}")
+    dense_b = rep.stages()["dense"]
+    log(f"dense fp32 weights {dense_b} B -> .sqz {rows[-1][2]} B ({dense_b / rows[-1][2]:.1f}x); "
+        f"total time {time.time() - t0:.0f} s")
+    return {name: acc for name, acc, _ in rows}, rep
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=48)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    run(a.size, a.epochs, a.ft_epochs, a.lr, a.ft_lr, seed=a.seed)
