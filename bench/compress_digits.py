@@ -4,7 +4,7 @@ Trains SqueezeNet 1.0 (num_classes=10) from scratch, then compresses copies of i
   pruning only        33 % density, retrained with masks held
   quantization only   6-bit codebooks on all weights, centroids fine-tuned
   Deep Compression    33 % + 6-bit (+ centroid fine-tuning), saved to .sqz and reloaded
-and prints held-out accuracy and sizes. Run:  python bench/compress_digits.py [--size 48]
+and prints held-out accuracy and sizes. Run:  python bench/compress_digits.py [--size 32 --epochs 25]
 """
 import argparse
 import copy
@@ -73,16 +73,22 @@ def accuracy(model, x, y):
     return 100.0 * float((model(x).argmax(1) == y).float().mean())
 
 
-def make_model():
+def make_model(train_init=False):
     try:
         import sqz_kernels
-        return sqz_kernels.models.squeezenet1_0(num_classes=10)
+        m = sqz_kernels.models.squeezenet1_0(num_classes=10)
     except ImportError:  # the package needs its built extension; torchvision's net is identical
         import torchvision
-        return torchvision.models.squeezenet1_0(num_classes=10)
+        m = torchvision.models.squeezenet1_0(num_classes=10)
+    if train_init:
+        # SqueezeNet ends in conv -> ReLU -> average pool: with the zero bias of torchvision's
+        # init, some classes' outputs die at 0 early and training from scratch stalls near 50 %
+        # here; a positive start keeps all ten alive (measured: 90 % vs 48 % after 7 epochs).
+        torch.nn.init.constant_(m.classifier[1].bias, 1.0)
+    return m
 
 
-def run(size=48, epochs=20, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits=6, seed=0,
+def run(size=32, epochs=25, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits=6, seed=0,
         log=print):
     from sqz_kernels import compression as C
     torch.manual_seed(seed)
@@ -90,7 +96,7 @@ def run(size=48, epochs=20, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits
     bs = 64
     steps_per_epoch = len(ytr) // bs
     t0 = time.time()
-    base = make_model()
+    base = make_model(train_init=True)
     train(base, xtr, ytr, epochs * steps_per_epoch, lr, bs, seed)
     rows = [("dense fp32 (trained)", accuracy(base, xte, yte), None)]
     log(f"trained {epochs} epochs at {size}x{size} in {time.time() - t0:.0f} s: "
@@ -138,8 +144,8 @@ def run(size=48, epochs=20, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-4)
