@@ -88,19 +88,34 @@ def make_model(train_init=False):
     return m
 
 
+def trained_base(size, epochs, lr, seed, cache=None, log=print):
+    """The trained dense SqueezeNet (read from / written to `cache`, a .safetensors file)."""
+    from safetensors.torch import load_file, save_file
+    base = make_model(train_init=True)
+    if cache and os.path.exists(cache):
+        base.load_state_dict(load_file(cache))
+        log(f"dense model read from {cache}")
+        return base
+    xtr, ytr, _, _ = digits_tensors(size, seed)
+    t0 = time.time()
+    train(base, xtr, ytr, epochs * (len(ytr) // 64), lr, 64, seed)
+    log(f"trained {epochs} epochs at {size}x{size} in {time.time() - t0:.0f} s")
+    if cache:
+        save_file(base.state_dict(), cache)
+    return base
+
+
 def run(size=32, epochs=25, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits=6, seed=0,
-        log=print):
+        cache=None, log=print):
     from sqz_kernels import compression as C
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = digits_tensors(size, seed)
     bs = 64
     steps_per_epoch = len(ytr) // bs
     t0 = time.time()
-    base = make_model(train_init=True)
-    train(base, xtr, ytr, epochs * steps_per_epoch, lr, bs, seed)
+    base = trained_base(size, epochs, lr, seed, cache, log)
     rows = [("dense fp32 (trained)", accuracy(base, xte, yte), None)]
-    log(f"trained {epochs} epochs at {size}x{size} in {time.time() - t0:.0f} s: "
-        f"{rows[0][1]:.2f} % on {len(yte)} held-out digits")
+    log(f"dense: {rows[0][1]:.2f} % on {len(yte)} held-out digits")
     ft_steps = ft_epochs * steps_per_epoch
     ft = lambda desc: C.FineTune(Loader(xtr, ytr, bs, ft_steps, seed + 1), F.cross_entropy,  # noqa: E731
                                  ft_steps, lr=ft_lr, progress=False, desc=desc)
@@ -151,6 +166,7 @@ if __name__ == "__main__":
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", help="a .safetensors file for the trained dense model (reused if present)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.size, a.epochs, a.ft_epochs, a.lr, a.ft_lr, seed=a.seed)
+    run(a.size, a.epochs, a.ft_epochs, a.lr, a.ft_lr, seed=a.seed, cache=a.cache)

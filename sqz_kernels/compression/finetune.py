@@ -5,7 +5,6 @@ codebook[code], so autograd already gives each centroid the sum of the gradients
 that share it (Deep Compression's grouped gradient, eq. 3), and pruned positions simply do not
 exist. `FineTune` is the convenience form; any callable `train_step(model)` works instead.
 """
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional
 
@@ -52,7 +51,7 @@ def finetune(model: nn.Module, dataloader: Iterable, loss_fn, steps: int, lr: fl
     was_training = model.training
     model.train()
     losses = []
-    batches = itertools.cycle(dataloader) if steps else iter(())
+    batches = _cycle(dataloader)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         x, y = next(batches)
@@ -64,6 +63,18 @@ def finetune(model: nn.Module, dataloader: Iterable, loss_fn, steps: int, lr: fl
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.train(was_training)
     return losses
+
+
+def _cycle(dataloader):
+    """Re-iterate the loader each epoch (unlike itertools.cycle, which would keep every batch of
+    the first epoch in memory and replay one shuffle order forever)."""
+    while True:
+        empty = True
+        for batch in dataloader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("finetune: the dataloader yields no batches")
 
 
 def run_finetune(spec, model: nn.Module, what: str) -> None:

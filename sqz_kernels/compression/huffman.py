@@ -19,6 +19,7 @@ __all__ = ["MAX_LEN", "code_lengths", "lengths_to_hex", "lengths_from_hex", "che
 
 MAX_LEN = 15          # longest code: the lookup table has 2**15 entries per stream at most
 MAX_CHUNK = 4096      # 4096 * 15 bits < 2**16, so a chunk's bit length fits a uint16
+_PAD = 64 * MAX_LEN // 8 + 8
 
 
 def code_lengths(freqs: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
@@ -189,10 +190,10 @@ def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
         out_base += n
     if not lane_start:
         return outs
-    # one lookup table of 2**width entries per stream: symbol and code length (0 = invalid code)
+    # one lookup table of 2**width entries per stream: (code length << 8) | symbol; length 0
+    # marks a bit pattern that is no code (such a lane stalls and fails the end check below)
     size = 1 << width
-    lut_sym = np.zeros(len(tables) * size, dtype=np.uint8)
-    lut_len = np.zeros(len(tables) * size, dtype=np.int64)
+    lut = np.zeros(len(tables) * size, dtype=np.int32)
     for t, lengths in enumerate(tables):
         if lengths is None:
             continue
@@ -201,9 +202,13 @@ def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
         spans = 1 << (width - lens)
         lo = t * size + (codes << (width - lens))
         idx = np.repeat(lo - np.cumsum(spans) + spans, spans) + np.arange(int(spans.sum()))
-        lut_sym[idx] = np.repeat(syms.astype(np.uint8), spans)
-        lut_len[idx] = np.repeat(lens, spans)
-    buf = np.concatenate(bufs + [np.zeros(4, dtype=np.uint8)]).astype(np.uint32)
+        lut[idx] = np.repeat((lens << 8) | syms, spans)
+    payload = np.concatenate(bufs)
+    # 24-bit big-endian window starting at every byte (>= 7 + 15 bits needed); the zero padding
+    # absorbs lanes that overrun between two overrun checks (<= 64 steps * 15 bits = 120 bytes)
+    padded = np.concatenate([payload, np.zeros(_PAD, dtype=np.uint8)]).astype(np.int32)
+    w24 = (padded[:-2] << 16) | (padded[1:-1] << 8) | padded[2:]
+    limit = 8 * payload.size
     pos = np.concatenate(lane_start)
     end = np.concatenate(lane_end)
     cnt = np.concatenate(lane_count)
@@ -212,27 +217,26 @@ def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
     # longest lanes first, so the lanes still active at step t are a prefix
     order = np.argsort(-cnt, kind="stable")
     pos, end, cnt, outp, tab = pos[order], end[order], cnt[order], outp[order], tab[order]
-    flat = np.zeros(out_base, dtype=np.uint8)
-    limit = len(buf) * 8
-    thresholds = np.sort(cnt)  # ascending
-    mask = np.uint32((1 << width) - 1)
-    for t in range(int(cnt.max())):
-        a = cnt.size - int(np.searchsorted(thresholds, t, side="right"))   # lanes with cnt > t
+    steps = int(cnt.max())
+    n_active = cnt.size - np.searchsorted(np.sort(cnt), np.arange(steps), side="right")
+    grid = np.zeros((steps, cnt.size), dtype=np.int32)       # step t, lane -> lut entry
+    shift = 24 - width
+    mask = (1 << width) - 1
+    for t in range(steps):
+        a = int(n_active[t])
         p = pos[:a]
-        b = p >> 3
-        word = (buf[b] << 16) | (buf[b + 1] << 8) | buf[b + 2]               # 24 bits >= 7 + 15
-        win = (word >> (24 - width - (p & 7)).astype(np.uint32)) & mask
-        k = tab[:a] + win
-        ln = lut_len[k]
-        if not ln.all():
-            raise ValueError("Huffman stream contains an invalid code (corrupt stream or table)")
-        flat[outp[:a] + t] = lut_sym[k]
-        p += ln
-        if int(p.max()) > limit:
-            raise ValueError("Huffman stream runs past its end")
+        e = lut[tab[:a] + ((w24[p >> 3] >> (shift - (p & 7))) & mask)]
+        grid[t, :a] = e
+        p += e >> 8
+        if t % 64 == 63 and int(p.max()) > limit:
+            raise ValueError("Huffman stream runs past its end (corrupt stream or table)")
     if not np.array_equal(pos, end):
         raise ValueError("Huffman stream: a chunk does not end at its declared bit length "
                          "(corrupt stream or table)")
+    # scatter the decoded symbols: lane l's t-th symbol goes to outp[l] + t
+    tt, ll = np.nonzero(np.arange(steps)[:, None] < cnt[None, :])
+    flat = np.zeros(out_base, dtype=np.uint8)
+    flat[outp[ll] + tt] = (grid[tt, ll] & 0xFF).astype(np.uint8)
     base = 0
     for i, (_, _, n) in enumerate(streams):
         outs[i] = flat[base: base + int(n)]
