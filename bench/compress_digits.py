@@ -1,9 +1,9 @@
 """Deep Compression accuracy on real data that ships with scikit-learn: the 8x8 digits, upscaled.
 
-Trains SqueezeNet 1.0 (num_classes=10) from scratch, then compresses copies of it:
-  pruning only        33 % density, retrained with masks held
-  quantization only   6-bit codebooks on all weights, centroids fine-tuned
-  Deep Compression    33 % + 6-bit (+ centroid fine-tuning), saved to .sqz and reloaded
+Trains SqueezeNet 1.0 (num_classes=10) from scratch (25 epochs), then compresses copies of it:
+  pruning only        33 % density per layer, retrained 20 epochs with the masks held
+  quantization only   6-bit codebooks on all weights, centroids fine-tuned 5 epochs
+  Deep Compression    the pruned net -> 6-bit k-means -> centroid fine-tuning -> .sqz -> reload
 and prints held-out accuracy and sizes. Run:  python bench/compress_digits.py [--size 32 --epochs 25]
 """
 import argparse
@@ -105,55 +105,57 @@ def trained_base(size, epochs, lr, seed, cache=None, log=print):
     return base
 
 
-def run(size=32, epochs=25, ft_epochs=3, lr=2e-3, ft_lr=1e-4, density=0.33, bits=6, seed=0,
-        cache=None, log=print):
+def run(size=32, epochs=25, prune_epochs=20, ft_epochs=5, lr=2e-3, prune_lr=1e-3, ft_lr=1e-4,
+        density=0.33, bits=6, seed=0, cache=None, log=print):
     from sqz_kernels import compression as C
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = digits_tensors(size, seed)
     bs = 64
-    steps_per_epoch = len(ytr) // bs
+    spe = len(ytr) // bs
     t0 = time.time()
     base = trained_base(size, epochs, lr, seed, cache, log)
     rows = [("dense fp32 (trained)", accuracy(base, xte, yte), None)]
     log(f"dense: {rows[0][1]:.2f} % on {len(yte)} held-out digits")
-    ft_steps = ft_epochs * steps_per_epoch
-    ft = lambda desc: C.FineTune(Loader(xtr, ytr, bs, ft_steps, seed + 1), F.cross_entropy,  # noqa: E731
-                                 ft_steps, lr=ft_lr, progress=False, desc=desc)
 
-    # pruning only: masks from magnitude, retrained with the masks held (dense weights)
-    m = copy.deepcopy(base)
-    layers, _, _ = C.compressible_layers(m)
+    def ft(ep, lr_):
+        return C.FineTune(Loader(xtr, ytr, bs, ep * spe, seed + 1), F.cross_entropy, ep * spe,
+                          lr=lr_, progress=False)
+
+    # pruning only: per-layer magnitude masks, retrained with the masks held (dense weights)
+    pruned = copy.deepcopy(base)
+    layers, _, _ = C.compressible_layers(pruned)
     from sqz_kernels.compression.prune import prune_
     prune_(layers, {n: density for n in layers})
-    rows.append((f"pruned {density:.0%}, no retrain", accuracy(m, xte, yte), None))
+    rows.append((f"pruned {density:.0%}, no retrain", accuracy(pruned, xte, yte), None))
     with C.MaskHold(layers, {n: l.weight != 0 for n, l in layers.items()}):
-        ft("prune")(m)
-    rows.append((f"pruned {density:.0%} + retrain", accuracy(m, xte, yte), None))
+        ft(prune_epochs, prune_lr)(pruned)
+    rows.append((f"pruned {density:.0%} + retrain ({prune_epochs} ep)", accuracy(pruned, xte, yte), None))
 
-    # quantization only: every weight kept, 6-bit shared centroids, fine-tuned
+    # quantization only: every weight kept, shared centroids, fine-tuned
     m = copy.deepcopy(base)
     C.compress(m, density=1.0, bits=bits, progress=False)
     rows.append((f"{bits}-bit, no fine-tune", accuracy(m, xte, yte), None))
-    ft("quant")(m)
-    rows.append((f"{bits}-bit + centroid fine-tune", accuracy(m, xte, yte), None))
+    ft(ft_epochs, ft_lr)(m)
+    rows.append((f"{bits}-bit + centroid fine-tune ({ft_epochs} ep)", accuracy(m, xte, yte), None))
 
-    # Deep Compression: prune -> retrain -> quantize -> fine-tune centroids, through the file
-    m = copy.deepcopy(base)
-    rep = C.compress(m, density=density, bits=bits, prune_finetune=ft("prune"), progress=False)
+    # Deep Compression: the pruned+retrained net (its zeros are exactly the 67 % that
+    # compress() would prune) -> k-means -> centroid fine-tuning -> .sqz -> fresh model
+    m = copy.deepcopy(pruned)
+    rep = C.compress(m, density=density, bits=bits, progress=False)
     rows.append((f"{density:.0%} + {bits}-bit, no centroid fine-tune", accuracy(m, xte, yte), None))
-    ft("centroids")(m)
+    ft(ft_epochs, ft_lr)(m)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "digits.sqz")
         nbytes = C.save(m, path)
         m2 = C.load(path, make_model())
-    rows.append((f"{density:.0%} + {bits}-bit + fine-tune (from .sqz)", accuracy(m2, xte, yte), nbytes))
+    rows.append((f"{density:.0%} + {bits}-bit + fine-tune, from .sqz", accuracy(m2, xte, yte), nbytes))
     log(f"{'model':<44}{'top-1 %':>9}{'delta':>8}")
     for name, acc, nb in rows:
         extra = f"   file {nb} B" if nb else ""
         log(f"{name:<44}{acc:>9.2f}{acc - rows[0][1]:>+8.2f}{extra}")
+    log(str(C.report(m2)))
     dense_b = rep.stages()["dense"]
-    log(f"dense fp32 weights {dense_b} B -> .sqz {rows[-1][2]} B ({dense_b / rows[-1][2]:.1f}x); "
-        f"total time {time.time() - t0:.0f} s")
+    log(f"dense {dense_b} B -> .sqz {nbytes} B ({dense_b / nbytes:.1f}x); total time {time.time() - t0:.0f} s")
     return {name: acc for name, acc, _ in rows}, rep
 
 
@@ -161,7 +163,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=25)
-    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--prune-epochs", type=int, default=20)
+    ap.add_argument("--prune-lr", type=float, default=1e-3)
+    ap.add_argument("--ft-epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -169,4 +173,5 @@ if __name__ == "__main__":
     ap.add_argument("--cache", help="a .safetensors file for the trained dense model (reused if present)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.size, a.epochs, a.ft_epochs, a.lr, a.ft_lr, seed=a.seed, cache=a.cache)
+    run(a.size, a.epochs, a.prune_epochs, a.ft_epochs, a.lr, a.prune_lr, a.ft_lr, seed=a.seed,
+        cache=a.cache)

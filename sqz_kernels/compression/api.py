@@ -34,6 +34,9 @@ def compressible_layers(model: nn.Module, filter_fn=None) -> Tuple[Dict[str, nn.
     module (sqz_kernels.fire.is_fire_like) is compressed whole or not at all: if filter_fn
     vetoes one of its convs, all three stay dense."""
     from ..fire import is_fire_like
+    if is_fire_like(model):
+        raise ValueError("compress: the model is itself a Fire module; wrap it (e.g. nn.Sequential(fire)) "
+                         "so that it can be replaced by a CodebookFire")
     fires, layers, skipped = [], {}, []
     in_fire = set()
     for name, m in model.named_modules():
@@ -93,7 +96,7 @@ def _kind(m):
 
 def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset: Optional[str] = None,
              init: str = "linear", prune_schedule=None, prune_finetune=None,
-             filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, index_bits: Union[int, str] = 8,
+             filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, index_bits: Union[int, str] = "auto",
              codebook_dtype: str = "float32", kmeans_iters: int = 300,
              progress: bool = True) -> CompressionReport:
     """Deep Compression of `model`, in place: prune -> (retrain) -> k-means share -> fine-tune.
@@ -167,7 +170,7 @@ def _swap(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, mod)
 
 
-def report(model: nn.Module, index_bits: Union[int, str] = 8, codebook_dtype: str = "float32",
+def report(model: nn.Module, index_bits: Union[int, str] = "auto", codebook_dtype: str = "float32",
            chunk: int = container.DEFAULT_CHUNK) -> CompressionReport:
     """The report of an already compressed model, for the given storage settings (it encodes
     the Huffman streams to measure them; nothing is written)."""

@@ -88,7 +88,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--bits", type=int, default=None, help="codebook bits 1-8")
     p.add_argument("--preset", choices=("squeezenet", "paper"), default="squeezenet")
     p.add_argument("--init", choices=("linear", "density", "random"), default="linear")
-    p.add_argument("--index-bits", type=_index_bits, default=8, help="stored gap width 1-8 or 'auto'")
+    p.add_argument("--index-bits", type=_index_bits, default="auto",
+                   help="stored gap width 1-8 or 'auto' (per layer, smallest)")
     p.add_argument("--codebook-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init")
     p.add_argument("-o", "--output", required=True)

@@ -57,11 +57,13 @@ def _gap_freqs(flat_pos: np.ndarray, index_bits: int) -> np.ndarray:
 
 
 def best_index_bits(flat_pos: np.ndarray) -> int:
-    """The index width (1..8) whose Huffman-coded gap stream is smallest for these positions."""
+    """The index width (1..8) with the smallest Huffman-coded gap stream plus its table (one
+    hex digit per symbol in the metadata) for these positions."""
     best, best_bits = 8, None
     for w in range(1, 9):
         fr = _gap_freqs(flat_pos, w)
-        n = huffman.encoded_bits(fr, huffman.code_lengths(fr))
+        lengths = huffman.code_lengths(fr)
+        n = huffman.encoded_bits(fr, lengths) + 8 * len(huffman.lengths_to_hex(lengths))
         if best_bits is None or n < best_bits:
             best, best_bits = w, n
     return best
@@ -73,7 +75,7 @@ def _check_index_bits(index_bits) -> None:
         raise ValueError(f"index_bits must be an int in [1, 8] or 'auto', got {index_bits!r}")
 
 
-def pack_layer(layer, index_bits: Union[int, str] = 8, chunk: int = DEFAULT_CHUNK) -> Dict:
+def pack_layer(layer, index_bits: Union[int, str] = "auto", chunk: int = DEFAULT_CHUNK) -> Dict:
     """Storage streams of one Codebook layer: {'index_bits', 'nnz', 'gaps': (blob, lengths,
     nsym), 'codes': (blob, lengths, nsym)}. Validates the layer's resident state first."""
     _check_index_bits(index_bits)
@@ -99,12 +101,13 @@ def _codebook_layers(model: nn.Module):
 
 
 # ------------------------------------------------------------------------------------- save --
-def save(model: nn.Module, path: Union[str, os.PathLike], index_bits: Union[int, str] = 8,
+def save(model: nn.Module, path: Union[str, os.PathLike], index_bits: Union[int, str] = "auto",
          codebook_dtype: str = "float32", chunk: int = DEFAULT_CHUNK) -> int:
     """Write `model` (after compress) to `path`; returns the file size in bytes.
 
-    index_bits: relative-index width of the stored gap stream (1..8, or 'auto': per layer the
-    width with the smallest Huffman-coded stream). codebook_dtype: 'float32' (exact round trip)
+    index_bits: relative-index width of the stored gap stream (1..8, or 'auto' (default): per
+    layer the width with the smallest Huffman-coded stream + table; a filler symbol bridges
+    longer gaps). codebook_dtype: 'float32' (exact round trip)
     or 'float16' (centroids rounded to half precision)."""
     from safetensors.torch import save as st_save
     _check_index_bits(index_bits)

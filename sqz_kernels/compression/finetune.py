@@ -26,6 +26,7 @@ class FineTune:
     weight_decay: float = 0.0
     progress: bool = True
     desc: str = "fine-tune"
+    schedule: str = "cosine"      # learning rate over the steps: "cosine" (to 0) or "constant"
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -34,20 +35,25 @@ class FineTune:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not callable(self.loss_fn):
             raise ValueError("loss_fn must be callable")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
     def __call__(self, model: nn.Module) -> List[float]:
         return finetune(model, self.dataloader, self.loss_fn, self.steps, self.lr,
-                        self.weight_decay, self.progress, self.desc)
+                        self.weight_decay, self.progress, self.desc, self.schedule)
 
 
 def finetune(model: nn.Module, dataloader: Iterable, loss_fn, steps: int, lr: float = 1e-4,
-             weight_decay: float = 0.0, progress: bool = True, desc: str = "fine-tune") -> List[float]:
-    """Train `model` for `steps` batches; returns the loss of each step."""
+             weight_decay: float = 0.0, progress: bool = True, desc: str = "fine-tune",
+             schedule: str = "cosine") -> List[float]:
+    """Train `model` for `steps` batches (Adam; lr cosine-annealed to 0 or constant); returns
+    the loss of each step."""
     from tqdm.auto import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no trainable parameters")
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if schedule == "cosine" else None
     was_training = model.training
     model.train()
     losses = []
@@ -59,6 +65,8 @@ def finetune(model: nn.Module, dataloader: Iterable, loss_fn, steps: int, lr: fl
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.train(was_training)

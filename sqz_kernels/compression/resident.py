@@ -152,7 +152,8 @@ def validate(codebook: Tensor, codes: Tensor, gaps: Tensor, row_counts: Tensor,
             raise ValueError(f"a code ({cmax}) is >= the codebook size n = {n}")
         if bits is not None and cmax >= 2 ** bits:
             raise ValueError(f"a code ({cmax}) is >= 2**bits = {2 ** bits}")
-    rows = torch.repeat_interleave(torch.arange(o), row_counts.to(torch.int64), output_size=gaps.numel())
+    rows = torch.repeat_interleave(torch.arange(o, device=gaps.device), row_counts.to(torch.int64),
+                                   output_size=gaps.numel())
     return rows[real], cursor[real]
 
 
