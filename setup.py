@@ -120,6 +120,12 @@ class Build(cpp_extension.BuildExtension):
                 setattr(self.compiler, attr, [a for a in cmd if a != "-g"])
         print(f"sqz_kernels: CUDA={'on (' + cuda_home + ')' if use_cuda else 'off'}, "
               f"-march={march}, arch list={os.environ.get('TORCH_CUDA_ARCH_LIST', '-')}")
+        with open(os.path.join(HERE, "sqz_kernels", "_build_info.py"), "w") as f:
+            f.write("# Written by setup.py at build time.\n"
+                    f"CUDA = {use_cuda!r}\n"
+                    f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if use_cuda else None!r}\n"
+                    f"CPU_ARCH = {march!r}\n"
+                    f"TORCH_VERSION = {torch.__version__!r}\n")
         super().build_extensions()
 
 

@@ -1,6 +1,5 @@
 // Every op schema of sqz_kernels, defined once. Backends add implementations with
 // TORCH_LIBRARY_IMPL(sqz_kernels, <Backend>, m) in csrc/cpu/*.cpp and csrc/cuda/*.cu.
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -23,9 +22,12 @@ TORCH_LIBRARY(sqz_kernels, m) {
   m.def("set_cpu_isa(str isa) -> ()", &sqz::set_cpu_isa);
 }
 
+#ifndef SQZ_NO_PYTHON
+#include <Python.h>
 // The extension is imported from Python only to load the .so (which runs the registrations
-// above); it defines no Python functions of its own.
+// above); it defines no Python functions of its own. The CMake (LibTorch) build has no Python.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -15,8 +15,12 @@
 
 #if defined(__GNUC__)
 #define SQZ_ALWAYS_INLINE inline __attribute__((always_inline))
+// Full unrolling of the register-tile loops: without it GCC keeps the accumulator array in memory
+// across loop back-edges (measured: 4-8x slower).
+#define SQZ_UNROLL _Pragma("GCC unroll 16")
 #else
 #define SQZ_ALWAYS_INLINE inline
+#define SQZ_UNROLL
 #endif
 
 namespace sqz {
@@ -68,13 +72,16 @@ SQZ_ALWAYS_INLINE void conv_block(const ConvPass<typename V::T>& p, int64_t m0, 
   const simd::Mask last = rem >= L ? full : (rem <= 0 ? 0 : ((simd::Mask(1) << rem) - 1));
 
   V acc[MR][NV];
+  SQZ_UNROLL
   for (int i = 0; i < MR; ++i) {
     const V b0 = p.bias ? V::set1(p.bias[m0 + i]) : V::zero();
+    SQZ_UNROLL
     for (int j = 0; j < NV; ++j) acc[i][j] = b0;
   }
   const T* A = p.A + m0 * p.a_m;
   const T* B = p.B + v0 * L;
   int64_t a_tap[TAPS], b_tap[TAPS];
+  SQZ_UNROLL
   for (int t = 0; t < TAPS; ++t) {
     a_tap[t] = p.a_tap[t];
     b_tap[t] = p.b_tap[t];
@@ -82,16 +89,22 @@ SQZ_ALWAYS_INLINE void conv_block(const ConvPass<typename V::T>& p, int64_t m0, 
   for (int64_t k = 0; k < p.K; ++k) {
     const T* Ak = A + k * p.a_k;
     const T* Bk = B + k * p.b_k;
+    SQZ_UNROLL
     for (int t = 0; t < TAPS; ++t) {
       V b[NV];
+      SQZ_UNROLL
       for (int j = 0; j < NV; ++j) b[j] = V::load(Bk + b_tap[t] + j * L, j == NV - 1 ? last : full);
+      SQZ_UNROLL
       for (int i = 0; i < MR; ++i) {
         const V a = V::set1(Ak[i * p.a_m + a_tap[t]]);
+        SQZ_UNROLL
         for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
       }
     }
   }
+  SQZ_UNROLL
   for (int i = 0; i < MR; ++i)
+    SQZ_UNROLL
     for (int j = 0; j < NV; ++j) store(m0 + i, v0 + j, V::relu(acc[i][j]));
 }
 

@@ -1,0 +1,56 @@
+"""Timing helpers shared by the CLI and bench/: A/B alternation in one process, medians, GFLOP/s.
+
+This machine class is noisy (two runs of the same benchmark differ by +-20 %), so comparisons are
+made side by side: the candidates run in alternating rounds and each one's median is reported.
+"""
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+__all__ = ["fire_macs", "alternate", "gflops", "threads"]
+
+
+def fire_macs(batch: int, inplanes: int, squeeze: int, e1: int, e3: int, h: int, w: int) -> int:
+    """Multiply-accumulates of one Fire forward."""
+    return batch * h * w * (inplanes * squeeze + squeeze * e1 + 9 * squeeze * e3)
+
+
+def gflops(macs: int, seconds: float) -> float:
+    return 2.0 * macs / seconds / 1e9
+
+
+def alternate(fns: Dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3,
+              warmup: int = 2, budget_s: float = 10.0) -> Dict[str, float]:
+    """Median seconds per call of each fn, measured in alternating rounds (A B A B ...)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        times = {k: [] for k in fns}
+        start = time.perf_counter()
+        for r in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f()
+                times[k].append((time.perf_counter() - t0) / inner)
+            if time.perf_counter() - start > budget_s and r >= 2:
+                break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class threads:
+    """Context manager: torch.set_num_threads(n) inside, restored after."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
+
