@@ -125,3 +125,12 @@ def test_defaults_are_paper_bits():
     r = C.compress(net, progress=False)
     assert {l.name: l.bits for l in r.layers}["fc"] == 5 and r.layers[0].bits == 8
     assert all(l.density == 1.0 for l in r.layers)
+
+
+def test_lone_fire_model_is_rejected_but_wrapped_works():
+    with pytest.raises(ValueError, match="itself a Fire"):
+        C.compress(sk.fire.EagerFire(8, 4, 8, 8), progress=False)
+    net = nn.Sequential(sk.fire.EagerFire(8, 4, 8, 8))
+    C.compress(net, density=0.5, bits=4, progress=False)
+    assert isinstance(net[0], CodebookFire)
+    assert net(torch.randn(1, 8, 5, 5)).shape == (1, 16, 5, 5)
