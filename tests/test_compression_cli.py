@@ -1,7 +1,6 @@
 """The compress / info subcommands, wired into a parser the way the package CLI does."""
 import argparse
 
-import pytest
 import torch
 
 from sqz_kernels.compression import cli

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sqz_kernels.compression import kmeans_1d, magnitude_mask, MaskHold
+from sqz_kernels.compression import kmeans_1d, magnitude_mask
 from sqz_kernels.compression.prune import density_schedule, prune_
 
 

@@ -1,12 +1,9 @@
 """compress(): Deep Compression of a model in place, and the helpers around it."""
 import fnmatch
-import json
 import math
 import os
-import struct
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 from torch import nn
 
 from . import container, prune as _prune

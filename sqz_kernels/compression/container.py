@@ -17,7 +17,7 @@ import json
 import os
 import struct
 import zlib
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Union
 
 import numpy as np
 import torch

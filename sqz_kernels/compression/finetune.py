@@ -6,7 +6,7 @@ that share it (Deep Compression's grouped gradient, eq. 3), and pruned positions
 exist. `FineTune` is the convenience form; any callable `train_step(model)` works instead.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List
 
 import torch
 from torch import nn

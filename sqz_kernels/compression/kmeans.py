@@ -4,7 +4,7 @@
 a contiguous run of the sorted values between the midpoints of neighbouring centroids, so one
 iteration is a searchsorted plus prefix sums, O(k log n), independent of n after the sort.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
