@@ -125,3 +125,28 @@ def test_no_pickle_in_file(tmp_path):
     from safetensors import safe_open
     with safe_open(str(p), "pt") as f:
         assert "sqz" in f.metadata()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(o=st.integers(1, 9), i=st.integers(1, 40), k=st.sampled_from([1, 3]),
+       density=st.sampled_from([0.001, 0.05, 0.3, 1.0]), bits=st.integers(1, 8),
+       index_bits=st.sampled_from([1, 2, 5, 8, "auto"]), chunk=st.sampled_from([1, 16, 2048]),
+       seed=st.integers(0, 1000))
+def test_property_roundtrip_random_layers(o, i, k, density, bits, index_bits, chunk, seed):
+    import os
+    import tempfile
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2), nn.Flatten(), nn.Linear(o * 4, 3))
+    C.compress(net, density=density, bits=bits, progress=False)
+    fd, path = tempfile.mkstemp(suffix=".sqz")
+    os.close(fd)
+    C.save(net, path, index_bits=index_bits, chunk=chunk)
+    fresh = nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2), nn.Flatten(), nn.Linear(o * 4, 3))
+    try:
+        C.load(path, fresh)
+    finally:
+        os.remove(path)
+    _same_state(net, fresh)
