@@ -178,6 +178,17 @@ def test_huge_header_length(good):
             C.read(struct.pack("<Q", n) + data[8:])
 
 
+def test_huge_tensor_in_safetensors_header(good):
+    data = good[0]
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if not k.startswith("__"))
+    header[key].update(shape=[2 ** 40], data_offsets=[0, 2 ** 42])    # 4 TiB declared
+    hb = json.dumps(header).encode()
+    with pytest.raises(ValueError, match="malformed"):
+        C.read(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+
+
 def test_failed_load_leaves_model_untouched(good):
     import sqz_kernels as sk
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), sk.fire.EagerFire(8, 4, 8, 8),
