@@ -1,0 +1,233 @@
+"""Modules whose state IS the compressed weight: CodebookConv2d, CodebookLinear, CodebookFire.
+
+State per layer (see compression/resident.py for the format): `codebook` (Parameter, so the
+shared centroids can be fine-tuned), `codes`, `gaps`, `row_counts` (uint8/uint8/int32 buffers)
+and `bias`. No dense float weight is ever stored. `forward` currently runs `forward_reference`
+(decode, then the ATen op); the sparse-codebook kernels will take exactly these tensors.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .compression import resident
+from .compression.kmeans import kmeans_1d
+
+__all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire"]
+
+_STREAMS = ("codes", "gaps", "row_counts")
+
+
+def _pair(v, what):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"{what} must be an int or a pair, got {v!r}")
+    return v
+
+
+class _CodebookLayer(nn.Module):
+    """Shared state handling of CodebookConv2d / CodebookLinear."""
+
+    weight_shape: Tuple[int, ...]
+
+    def _init_state(self, out_rows: int, bits: int, bias: bool) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+        self.bits = bits
+        # An empty layer (no entries) until set_compressed: an all-zero weight.
+        self.codebook = nn.Parameter(torch.zeros(1))
+        self.register_buffer("codes", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("gaps", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("row_counts", torch.zeros(out_rows, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_rows)) if bias else None
+
+    def set_compressed(self, codebook: Tensor, codes: Tensor, gaps: Tensor, row_counts: Tensor,
+                       bias: Optional[Tensor] = None) -> None:
+        """Install new streams (validated first; nothing changes if they are invalid)."""
+        resident.validate(codebook.detach(), codes, gaps, row_counts, self.weight_shape, self.bits)
+        dev = self.codebook.device
+        with torch.no_grad():
+            self.codebook = nn.Parameter(codebook.detach().to(dev, torch.float32).clone(),
+                                         requires_grad=self.codebook.requires_grad)
+        self.codes, self.gaps, self.row_counts = codes.to(dev), gaps.to(dev), row_counts.to(dev)
+        if bias is not None:
+            if self.bias is None or bias.shape != self.bias.shape:
+                raise ValueError(f"bias must have shape {[self.weight_shape[0]]} on a layer with bias")
+            with torch.no_grad():
+                self.bias.copy_(bias)
+
+    def compress_weight_(self, weight: Tensor, mask: Optional[Tensor] = None, init: str = "linear",
+                         iters: int = 300) -> None:
+        """Quantize a dense `weight` (entries where `mask`, default: weight != 0) with per-layer
+        k-means at self.bits and install the result."""
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(f"weight has shape {list(weight.shape)}, expected {list(self.weight_shape)}")
+        o = self.weight_shape[0]
+        w2 = weight.detach().reshape(o, -1).cpu()
+        m2 = (w2 != 0) if mask is None else mask.reshape(o, -1).cpu().bool()
+        cb, codes = kmeans_1d(w2[m2], self.bits, init=init, iters=iters)
+        c, g, rc = resident.encode_rows(m2, codes)
+        self.set_compressed(cb, c, g, rc)
+
+    def decoded_weight(self) -> Tensor:
+        """The dense weight the streams describe (reference decoder; differentiable w.r.t. the
+        codebook, so centroids receive the grouped gradient)."""
+        return resident.decode_dense(self.codebook, self.codes, self.gaps, self.row_counts,
+                                     self.weight_shape, self.bits)
+
+    @property
+    def nnz(self) -> int:
+        return int((self.gaps != resident.FILLER).sum())
+
+    def resident_bytes(self) -> int:
+        return resident.resident_nbytes(self.codebook, self.codes, self.row_counts, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # The stream lengths vary with the weight: adopt the incoming sizes, then validate.
+        new = {}
+        for name in ("codebook",) + _STREAMS:
+            key = prefix + name
+            if key in state_dict:
+                new[name] = state_dict[key]
+        if len(new) == 4:
+            try:
+                resident.validate(new["codebook"].detach().float(), new["codes"], new["gaps"],
+                                  new["row_counts"], self.weight_shape, self.bits)
+            except ValueError as e:
+                errors.append(f"{prefix}: invalid compressed state: {e}")
+                return
+            with torch.no_grad():
+                self.codebook = nn.Parameter(torch.empty_like(new["codebook"], dtype=torch.float32,
+                                                              device=self.codebook.device),
+                                             requires_grad=self.codebook.requires_grad)
+            for name in _STREAMS:
+                setattr(self, name, torch.empty_like(new[name], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_reference(x)
+
+
+class CodebookConv2d(_CodebookLayer):
+    """A Conv2d (groups 1, dilation 1, zero padding) whose weight is held compressed."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, bits: int = 8):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.weight_shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self._init_state(self.out_channels, bits, bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bits: int = 8, mask: Optional[Tensor] = None,
+                  init: str = "linear", iters: int = 300) -> "CodebookConv2d":
+        """Compress a Conv2d: entries where `mask` (default: weight != 0), k-means at `bits`."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"from_conv: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" \
+                or isinstance(conv.padding, str):
+            raise ValueError("from_conv: only groups=1, dilation=1, numeric zero padding are supported")
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                bias=conv.bias is not None, bits=bits)
+        m.to(conv.weight.device)
+        m.compress_weight_(conv.weight, mask, init, iters)
+        if conv.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(conv.bias)
+        m.train(conv.training)
+        return m
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        w = self.decoded_weight().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bits={self.bits}, "
+                f"n={self.codebook.numel()}, entries={self.codes.numel()}")
+
+
+class CodebookLinear(_CodebookLayer):
+    """A Linear whose weight is held compressed (rows = output features, K = in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 5):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight_shape = (self.out_features, self.in_features)
+        self._init_state(self.out_features, bits, bias)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int = 5, mask: Optional[Tensor] = None,
+                    init: str = "linear", iters: int = 300) -> "CodebookLinear":
+        """Compress a Linear: entries where `mask` (default: weight != 0), k-means at `bits`."""
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"from_linear: expected nn.Linear, got {type(lin).__name__}")
+        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, bits=bits)
+        m.to(lin.weight.device)
+        m.compress_weight_(lin.weight, mask, init, iters)
+        if lin.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(lin.bias)
+        m.train(lin.training)
+        return m
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.decoded_weight().to(x.dtype), b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"n={self.codebook.numel()}, entries={self.codes.numel()}")
+
+
+class CodebookFire(nn.Module):
+    """Fire module whose three convs are CodebookConv2d, with torchvision's child names."""
+
+    def __init__(self, inplanes: int, squeeze_planes: int, expand1x1_planes: int,
+                 expand3x3_planes: int, bits: int = 8):
+        super().__init__()
+        self.inplanes = inplanes
+        self.squeeze = CodebookConv2d(inplanes, squeeze_planes, 1, bits=bits)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = CodebookConv2d(squeeze_planes, expand1x1_planes, 1, bits=bits)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = CodebookConv2d(squeeze_planes, expand3x3_planes, 3, padding=1, bits=bits)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    @classmethod
+    def from_codebook_convs(cls, squeeze: CodebookConv2d, expand1x1: CodebookConv2d,
+                            expand3x3: CodebookConv2d) -> "CodebookFire":
+        """Assemble from three existing CodebookConv2d (shared, not copied); checks Fire geometry."""
+        ok = (all(isinstance(c, CodebookConv2d) for c in (squeeze, expand1x1, expand3x3))
+              and squeeze.kernel_size == (1, 1) and expand1x1.kernel_size == (1, 1)
+              and expand3x3.kernel_size == (3, 3) and expand3x3.padding == (1, 1)
+              and squeeze.padding == (0, 0) and expand1x1.padding == (0, 0)
+              and all(c.stride == (1, 1) for c in (squeeze, expand1x1, expand3x3))
+              and expand1x1.in_channels == squeeze.out_channels == expand3x3.in_channels)
+        if not ok:
+            raise ValueError("from_codebook_convs: convs do not form a Fire module "
+                             "(squeeze 1x1, expand1x1 1x1, expand3x3 3x3 pad 1, stride 1)")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.inplanes = squeeze.in_channels
+        new.squeeze, new.expand1x1, new.expand3x3 = squeeze, expand1x1, expand3x3
+        new.squeeze_activation = nn.ReLU(inplace=True)
+        new.expand1x1_activation = nn.ReLU(inplace=True)
+        new.expand3x3_activation = nn.ReLU(inplace=True)
+        new.train(squeeze.training)
+        return new
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        s = F.relu(self.squeeze.forward_reference(x))
+        return torch.cat([F.relu(self.expand1x1.forward_reference(s)),
+                          F.relu(self.expand3x3.forward_reference(s))], 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_reference(x)
