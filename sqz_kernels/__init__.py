@@ -2,6 +2,11 @@
 from . import ops
 from .fire import EagerFire, FusedFire, fuse_fire_, is_fire_like
 from . import models
+from . import compression
+from .compression import CompressionReport, compress, load, save
+from .codebook import CodebookConv2d, CodebookFire, CodebookLinear
 
 __version__ = "0.1.0"
-__all__ = ["ops", "models", "FusedFire", "EagerFire", "fuse_fire_", "is_fire_like"]
+__all__ = ["ops", "models", "compression", "FusedFire", "EagerFire", "fuse_fire_", "is_fire_like",
+           "compress", "save", "load", "CompressionReport", "CodebookConv2d", "CodebookLinear",
+           "CodebookFire"]

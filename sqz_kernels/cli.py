@@ -1,7 +1,9 @@
 """Command line: python -m sqz_kernels {demo, bench, compress, info}."""
 import argparse
 import copy
+import os
 import sys
+import tempfile
 
 import torch
 
@@ -72,7 +74,54 @@ def cmd_demo(args) -> int:
               f"max |eager - fused| on the logits = {diff:.3g}")
         rows = _latency_table(eager, fused, x, rounds=args.rounds, budget_s=args.budget)
         _print_table(rows, f"batch 1, {args.threads} threads, {args.format}, median of alternating rounds")
-    return 0 if diff < 1e-3 else 1
+        ok = diff < 1e-3
+        if args.compress:
+            ok = _compressed_demo(args, eager, fused, x) and ok
+    return 0 if ok else 1
+
+
+def _reference_copy(model):
+    """A copy of a compressed model whose Codebook modules run the decode-then-ATen reference."""
+    from .codebook import CodebookConv2d, CodebookFire, CodebookLinear
+
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, (CodebookConv2d, CodebookLinear, CodebookFire)):
+            m.forward = m.forward_reference
+    return ref
+
+
+def _compressed_demo(args, eager, fused, x) -> bool:
+    """compress -> save -> load -> run the compressed model with the sparse-codebook kernels."""
+    from .compression import compress, load, resident_bytes, save
+
+    model = copy.deepcopy(eager).to(memory_format=torch.contiguous_format)
+    report = compress(model, density=args.density, bits=args.bits)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "net.sqz")
+        save(model, path)
+        file_bytes = os.path.getsize(path)
+        loaded = load(path, getattr(models, args.arch)(fire_cls=EagerFire)).eval()
+    if args.format == "channels_last":
+        loaded = loaded.to(memory_format=torch.channels_last)
+    reference = _reference_copy(loaded)
+    with torch.no_grad():
+        y_dense, y_comp, y_ref = eager(x), loaded(x), reference(x)
+    kernel_diff = (y_comp - y_ref).abs().max().item()
+    dense_diff = (y_comp - y_dense).abs().max().item()
+    med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x)},
+                    rounds=args.rounds, budget_s=2 * args.budget)
+    dense_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
+    print(f"\ncompressed {args.arch}: density {args.density}, {args.bits}-bit codebooks "
+          f"(dense fp32 / file = {dense_bytes / file_bytes:.1f}x)")
+    print(f"{'model':28} {'weights bytes':>14} {'latency ms':>11}")
+    print(f"{'dense eager':28} {dense_bytes:14,d} {med['eager'] * 1e3:11.3f}")
+    print(f"{'dense FusedFire':28} {dense_bytes:14,d} {med['fused'] * 1e3:11.3f}")
+    print(f"{'compressed, resident':28} {resident_bytes(loaded):14,d} {med['compressed'] * 1e3:11.3f}")
+    print(f"{'compressed, .sqz file':28} {file_bytes:14,d}")
+    print(f"max |kernels - decoded reference| = {kernel_diff:.3g}   "
+          f"max |compressed - dense| = {dense_diff:.3g} (pruning + quantisation changes the function)")
+    return kernel_diff <= 1e-4 * max(1.0, y_ref.abs().max().item())
 
 
 def cmd_bench(args) -> int:
@@ -120,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="swap in FusedFire, check outputs, print a latency table (~1 min)")
     common(d, rounds=15, budget=3.0)
     d.add_argument("--format", default="nchw", choices=["nchw", "channels_last"])
+    d.add_argument("--compress", action="store_true",
+                   help="also compress -> save -> load -> run with the sparse-codebook kernels")
+    d.add_argument("--density", type=float, default=0.33)
+    d.add_argument("--bits", type=int, default=6)
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="larger-scale per-Fire and whole-network timing + PNG plot")

@@ -2,8 +2,10 @@
 
 State per layer (see compression/resident.py for the format): `codebook` (Parameter, so the
 shared centroids can be fine-tuned), `codes`, `gaps`, `row_counts` (uint8/uint8/int32 buffers)
-and `bias`. No dense float weight is ever stored. `forward` currently runs `forward_reference`
-(decode, then the ATen op); the sparse-codebook kernels will take exactly these tensors.
+and `bias`. No dense float weight is ever stored. `forward` runs the sparse-codebook kernels
+(sqz_kernels/codebook_ops.py), which execute exactly these tensors; `forward_reference` (decode,
+then the ATen op) is the test oracle and the path for devices/dtypes the kernels do not cover
+(the kernels are CPU float32/float64).
 """
 from typing import Optional, Tuple
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import codebook_ops
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
@@ -107,8 +110,21 @@ class _CodebookLayer(nn.Module):
                 setattr(self, name, torch.empty_like(new[name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+    def _kernel_state(self, x: Tensor):
+        """(codebook, codes, gaps, row_counts, bias) in x's dtype, as the kernels take them."""
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return self.codebook.to(x.dtype), self.codes, self.gaps, self.row_counts, b
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_reference(x)
+        if not _kernels_cover(x):
+            return self.forward_reference(x)
+        return codebook_ops.codebook_fused_fire(x, *self.squeeze._kernel_state(x),
+                                                *self.expand1x1._kernel_state(x),
+                                                *self.expand3x3._kernel_state(x))
+
+
+def _kernels_cover(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 class CodebookConv2d(_CodebookLayer):
@@ -148,6 +164,12 @@ class CodebookConv2d(_CodebookLayer):
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, w, b, self.stride, self.padding)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if not _kernels_cover(x):
+            return self.forward_reference(x)
+        return codebook_ops.codebook_conv2d(x, *self._kernel_state(x), self.kernel_size, self.stride,
+                                            self.padding)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bits={self.bits}, "
@@ -181,6 +203,11 @@ class CodebookLinear(_CodebookLayer):
     def forward_reference(self, x: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.decoded_weight().to(x.dtype), b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _kernels_cover(x):
+            return self.forward_reference(x)
+        return codebook_ops.codebook_linear(x, *self._kernel_state(x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -230,4 +257,8 @@ class CodebookFire(nn.Module):
                           F.relu(self.expand3x3.forward_reference(s))], 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_reference(x)
+        if not _kernels_cover(x):
+            return self.forward_reference(x)
+        return codebook_ops.codebook_fused_fire(x, *self.squeeze._kernel_state(x),
+                                                *self.expand1x1._kernel_state(x),
+                                                *self.expand3x3._kernel_state(x))
