@@ -1,0 +1,110 @@
+"""One-shot CPU summary for the README: per-Fire FusedFire vs eager, whole SqueezeNet 1.1 vs peers.
+
+usage: python bench/report.py [--out bench/results/cpu_summary.md] [--rounds 15]
+
+Every comparison alternates its candidates in one process and reports medians (this machine class
+is noisy: +-20 % between runs). GFLOP/s = 2 * MACs / median time.
+"""
+import argparse
+import copy
+import io
+import platform
+import time
+
+import torch
+
+import sqz_kernels as sk
+from sqz_kernels.benchutil import alternate, fire_macs, gflops, threads
+from sqz_kernels.fire import EagerFire
+from sqz_kernels.models import FIRE_CONFIGS
+
+
+def fire_rows(rounds, nthreads):
+    lines = [f"| Fire (C, S, E, map) | format | eager GF/s | fused GF/s | speed-up |", "|---|---|---:|---:|---:|"]
+    for ver, cfgs in FIRE_CONFIGS.items():
+        for i, (c, s, e1, e3, side) in enumerate(cfgs):
+            torch.manual_seed(0)
+            fused = sk.FusedFire(c, s, e1, e3).eval()
+            eager = fused.to_fire().eval()
+            macs = fire_macs(1, c, s, e1, e3, side, side)
+            for fmt in ("nchw", "channels_last"):
+                x = torch.randn(1, c, side, side)
+                if fmt == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with threads(nthreads):
+                    med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x)}, rounds=rounds,
+                                    budget_s=4)
+                lines.append(f"| {ver.replace('_', '.')} fire{i + 2} ({c}, {s}, {e1}+{e3}, {side}²) | {fmt} | "
+                             f"{gflops(macs, med['eager']):.0f} | {gflops(macs, med['fused']):.0f} | "
+                             f"{med['eager'] / med['fused']:.2f}× |")
+    return lines
+
+
+def _ort(model, x):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def network_rows(rounds):
+    torch.manual_seed(0)
+    eager = sk.models.squeezenet1_1(fire_cls=EagerFire).eval()
+    fused = copy.deepcopy(eager)
+    sk.fuse_fire_(fused)
+    comp = copy.deepcopy(eager)
+    sk.compress(comp, density=0.33, bits=6)
+    x = torch.randn(1, 3, 224, 224)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    fns = {
+        "eager NCHW": lambda: eager(x),
+        "eager channels_last": lambda: eager_cl(xcl),
+        "FusedFire NCHW": lambda: fused(x),
+        "FusedFire channels_last": lambda: fused_cl(xcl),
+        "compressed 33 %/6-bit, codebook kernels": lambda: comp(x),
+    }
+    with threads(2), torch.no_grad():
+        compiled = torch.compile(copy.deepcopy(eager))
+        compiled(x)
+        fns["torch.compile (inductor)"] = lambda: compiled(x)
+        ort = _ort(eager, x)
+        if ort is not None:
+            fns["ONNX Runtime (dense)"] = ort
+        med = alternate(fns, rounds=rounds, inner=3, budget_s=60)
+    lines = ["| SqueezeNet 1.1, batch 1, 2 threads | median ms | vs eager NCHW |", "|---|---:|---:|"]
+    for k, v in med.items():
+        lines.append(f"| {k} | {v * 1e3:.2f} | {med['eager NCHW'] / v:.2f}× |")
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results/cpu_summary.md")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    args = p.parse_args()
+    t0 = time.time()
+    out = [f"# CPU summary ({time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
+           f"torch {torch.__version__}, ISA {sk.ops.cpu_isa()})", ""]
+    out += ["## Whole network", ""] + network_rows(args.rounds) + [""]
+    for n in args.threads:
+        out += [f"## Fire modules, batch 1, {n} thread{'s' if n > 1 else ''}", ""] + fire_rows(args.rounds, n) + [""]
+    out.append(f"(measured in {time.time() - t0:.0f} s with `python bench/report.py`)")
+    text = "\n".join(out)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
