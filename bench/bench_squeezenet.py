@@ -2,13 +2,12 @@
 Runtime when installed (the `bench` extra). Run: `pytest bench/bench_squeezenet.py --benchmark-only`.
 """
 import copy
-import io
 
 import pytest
 import torch
 
 import sqz_kernels as sk
-from sqz_kernels.benchutil import alternate, threads
+from sqz_kernels.benchutil import alternate, onnxruntime_runner, threads
 from sqz_kernels.fire import EagerFire
 
 
@@ -25,28 +24,13 @@ def _models(fmt):
     return eager, fused, x
 
 
-def _onnxruntime_session(model, x):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    return lambda: sess.run(None, feed)
-
-
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
 def test_squeezenet1_1(benchmark, fmt):
     eager, fused, x = _models(fmt)
     fns = {"eager": lambda: eager(x), "fused": lambda: fused(x)}
     with threads(2), torch.no_grad():
         if fmt == "nchw":
-            ort_run = _onnxruntime_session(eager, x.contiguous())
+            ort_run = onnxruntime_runner(eager, x.contiguous())
             if ort_run is not None:
                 fns["onnxruntime"] = ort_run
             compiled = torch.compile(copy.deepcopy(eager))

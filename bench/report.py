@@ -7,20 +7,19 @@ is noisy: +-20 % between runs). GFLOP/s = 2 * MACs / median time.
 """
 import argparse
 import copy
-import io
 import platform
 import time
 
 import torch
 
 import sqz_kernels as sk
-from sqz_kernels.benchutil import alternate, fire_macs, gflops, threads
+from sqz_kernels.benchutil import alternate, fire_macs, gflops, onnxruntime_runner, threads
 from sqz_kernels.fire import EagerFire
 from sqz_kernels.models import FIRE_CONFIGS
 
 
 def fire_rows(rounds, nthreads):
-    lines = [f"| Fire (C, S, E, map) | format | eager GF/s | fused GF/s | speed-up |", "|---|---|---:|---:|---:|"]
+    lines = ["| Fire (C, S, E, map) | format | eager GF/s | fused GF/s | speed-up |", "|---|---|---:|---:|---:|"]
     for ver, cfgs in FIRE_CONFIGS.items():
         for i, (c, s, e1, e3, side) in enumerate(cfgs):
             torch.manual_seed(0)
@@ -38,21 +37,6 @@ def fire_rows(rounds, nthreads):
                              f"{gflops(macs, med['eager']):.0f} | {gflops(macs, med['fused']):.0f} | "
                              f"{med['eager'] / med['fused']:.2f}× |")
     return lines
-
-
-def _ort(model, x):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    return lambda: sess.run(None, feed)
 
 
 def network_rows(rounds):
@@ -77,7 +61,7 @@ def network_rows(rounds):
         compiled = torch.compile(copy.deepcopy(eager))
         compiled(x)
         fns["torch.compile (inductor)"] = lambda: compiled(x)
-        ort = _ort(eager, x)
+        ort = onnxruntime_runner(eager, x)
         if ort is not None:
             fns["ONNX Runtime (dense)"] = ort
         med = alternate(fns, rounds=rounds, inner=3, budget_s=60)

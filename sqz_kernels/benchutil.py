@@ -3,13 +3,14 @@
 This machine class is noisy (two runs of the same benchmark differ by +-20 %), so comparisons are
 made side by side: the candidates run in alternating rounds and each one's median is reported.
 """
+import io
 import statistics
 import time
 from typing import Callable, Dict
 
 import torch
 
-__all__ = ["fire_macs", "alternate", "gflops", "threads"]
+__all__ = ["fire_macs", "alternate", "gflops", "threads", "onnxruntime_runner"]
 
 
 def fire_macs(batch: int, inplanes: int, squeeze: int, e1: int, e3: int, h: int, w: int) -> int:
@@ -54,3 +55,20 @@ class threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.prev)
 
+
+
+def onnxruntime_runner(model, x, intra_threads: int = 2):
+    """A no-argument callable running `model` on `x` in ONNX Runtime (CPU), or None when
+    onnxruntime is not installed (it is in the optional `bench` extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return lambda: sess.run(None, feed)

@@ -96,7 +96,7 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     from .compression import compress, load, resident_bytes, save
 
     model = copy.deepcopy(eager).to(memory_format=torch.contiguous_format)
-    report = compress(model, density=args.density, bits=args.bits)
+    compress(model, density=args.density, bits=args.bits)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "net.sqz")
         save(model, path)
