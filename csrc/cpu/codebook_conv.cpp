@@ -65,9 +65,19 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
         tab[pos] = static_cast<int32_t>(direct ? ci * xs[1]
                                                : tap_offset(ci, ky, kx, g.sh, g.sw, C, plane, plane_w));
   const at::Tensor gaps = s.gaps.contiguous(), codes = s.codes.contiguous();
-  const Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
+  Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
 
-  const int tile = fit_tile(k, C * g.sh * g.sw, extra_rows * plane_w + (g.kw - 1) / g.sw);
+  const int64_t halo = extra_rows * plane_w + (g.kw - 1) / g.sw;
+  int tile = fit_tile(k, C * g.sh * g.sw, halo);
+  const int64_t cch = chunk_channels(k, C, g.sh * g.sw, halo, B * plane_w, s.codes.numel(), g.O);
+  Chunks chunks;
+  if (cch < C) {
+    chunks = build_chunks(L.gaps, rs.data(), g.O, K, cch * g.kh * g.kw);
+    tile = k.tile;
+    L.nch = chunks.nch;
+    L.cs = chunks.start.data();
+    L.ccur = chunks.cur.data();
+  }
   const int64_t tasks = g.N * nb * ob;
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     std::vector<T> buf(buf_elems);

@@ -82,13 +82,22 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const at::Tensor g_sq = sq.gaps.contiguous(), k_sq = sq.codes.contiguous();
   const at::Tensor g_e1 = e1.gaps.contiguous(), k_e1 = e1.codes.contiguous();
   const at::Tensor g_e3 = e3.gaps.contiguous(), k_e3 = e3.codes.contiguous();
-  const Rows<T> Lsq{g_sq.data_ptr<uint8_t>(), k_sq.data_ptr<uint8_t>(), rs_sq.data(), t_sq.data(), csq};
+  Rows<T> Lsq{g_sq.data_ptr<uint8_t>(), k_sq.data_ptr<uint8_t>(), rs_sq.data(), t_sq.data(), csq};
   const Rows<T> Le1{g_e1.data_ptr<uint8_t>(), k_e1.data_ptr<uint8_t>(), rs_e1.data(), t_e1.data(), ce1};
   const Rows<T> Le3{g_e3.data_ptr<uint8_t>(), k_e3.data_ptr<uint8_t>(), rs_e3.data(), t_e3.data(), ce3};
   const T* xp = x.data_ptr<T>();
   T* yp = out.data_ptr<T>();
 
-  const int tile_sq = fit_tile(k, C, 0);
+  int tile_sq = fit_tile(k, C, 0);
+  const int64_t cch = chunk_channels(k, C, 1, 0, (B + 2) * W, sq.codes.numel(), S);
+  Chunks chunks;
+  if (cch < C) {  // K-blocked squeeze (many input channels)
+    chunks = build_chunks(Lsq.gaps, rs_sq.data(), S, C, cch);
+    tile_sq = k.tile;
+    Lsq.nch = chunks.nch;
+    Lsq.cs = chunks.start.data();
+    Lsq.ccur = chunks.cur.data();
+  }
   const int tile_ex = fit_tile(k, S, 2 * Wp + 2);
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     std::vector<T> sbuf(s_elems, T(0));
