@@ -1,0 +1,50 @@
+"""The K-blocked path of the sparse-codebook kernels (layers with many input channels on maps large
+enough for several pixel tiles: rows are walked in 64-channel blocks that accumulate partial tiles)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sqz_kernels import codebook_ops as co
+
+from codebook_helpers import args, make_layer
+
+CONVS = [  # (C, O, k, stride, pad, H, density, force_fillers)
+    (160, 24, 1, 1, 0, 24, 0.33, False),
+    (600, 20, 1, 1, 0, 40, 0.33, True),
+    (128, 10, 3, 1, 1, 30, 0.05, True),
+    (1100, 6, 1, 1, 0, 32, 0.2, True),
+]
+FIRES = [(256, 32, 64, 64, 40), (700, 24, 16, 16, 24)]
+
+
+def _cast(layer, dt):
+    return [t.to(dt) if t is not None and t.is_floating_point() else t for t in args(layer)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", CONVS, ids=str)
+def test_blocked_conv(case, channels_last, cpu_isa):
+    c, o, k, s, p, h, density, fillers = case
+    layer = make_layer(o, c * k * k, density, bits=6, seed=c, force_fillers=fillers)
+    x = torch.randn(2, c, h, h)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = co.codebook_conv2d(x, *_cast(layer, torch.float32), k, s, p, True)
+    w = layer["dense"].double().reshape(o, c, k, k)
+    ref = F.relu(F.conv2d(x.double(), w, layer["bias"].double(), s, p))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", FIRES, ids=str)
+def test_blocked_fire(shape, channels_last):
+    c, s, e1, e3, h = shape
+    layers = [make_layer(s, c, 0.33, 6, seed=1, force_fillers=c > 255), make_layer(e1, s, 0.33, 6, seed=2),
+              make_layer(e3, 9 * s, 0.33, 6, seed=3)]
+    x = torch.randn(1, c, h, h)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    st = [_cast(L, torch.float32) for L in layers]
+    y = co.codebook_fused_fire(x, *st[0], *st[1], *st[2])
+    ref = co.codebook_fire_reference(x.double(), *[_cast(L, torch.float64) for L in layers])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
