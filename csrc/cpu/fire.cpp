@@ -12,8 +12,11 @@
 // [E1, E1+E3) (so there is no concat): NCHW by row copies, channels_last by 16x16 AVX-512
 // register transposes (scatter on the narrower ISAs).
 //
-// channels_last input is transposed band by band into a CHW staging buffer first (16x16 register
-// transposes with AVX-512), because the micro-kernel needs pixel-contiguous vectors.
+// channels_last input, AVX-512 float: the squeeze reads the HWC band directly (16 pixels x 16
+// squeeze channels per block, broadcasting x against a per-call transposed w_sq, then one 16x16
+// register transpose into the CHW buffer; fire_squeeze_hwc.h), so no input staging. Other ISAs and
+// float64 stage the band CHW first (scalar loop), because the micro-kernel needs pixel-contiguous
+// vectors.
 //
 // Per-thread scratch (squeeze buffer, staging, tile, store maps) persists across calls: no
 // allocation or page faults per call, and the buffer's zero padding columns stay zero.
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "cpu/conv_microkernel.h"
+#include "cpu/fire_squeeze_hwc.h"
 #include "cpu/fire_transpose.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -88,6 +92,7 @@ struct VecMap {
 struct FirePlan {
   FireGeometry g;
   bool channels_last;
+  bool staged;
   int64_t band_h, nbands, ngroups;
   int64_t Wp, plane;  // squeeze buffer: row stride and channel-plane stride
 };
@@ -95,15 +100,16 @@ struct FirePlan {
 // Bands keep the per-thread buffers (squeeze + staging) within a share of L2; then enough work
 // items for all threads, preferring a count that divides evenly among them. Splitting expand
 // channels (which recomputes the squeeze) is the last resort, for maps too small to band.
-FirePlan make_plan(const FireGeometry& g, bool channels_last, int64_t elem_size) {
+FirePlan make_plan(const FireGeometry& g, bool channels_last, int64_t elem_size, bool staged) {
   FirePlan p;
   p.g = g;
   p.channels_last = channels_last;
+  p.staged = staged;
   p.Wp = g.width + 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Per band row: squeeze buffer, channels_last staging, the 16-channel output tile.
   const int64_t row_bytes =
-      elem_size * (g.squeeze * p.Wp + (channels_last ? g.in_channels * g.width : 0) + 16 * p.Wp);
+      elem_size * (g.squeeze * p.Wp + (channels_last && staged ? g.in_channels * g.width : 0) + 16 * p.Wp);
   const int64_t budget = 384 * 1024;
   int64_t nb = 1;
   while (nb < g.height && row_bytes * ((g.height + nb - 1) / nb + 2) > budget) ++nb;
@@ -137,6 +143,11 @@ struct FireKernel {
   const FirePlan& P;
   const T *x, *w_sq, *b_sq, *w_e1, *b_e1, *w_e3, *b_e3;
   T* out;
+  // channels_last, AVX-512: squeeze weights transposed to [C][Sp] and the bias padded to Sp
+  // (built once per call, before the parallel region), so the squeeze reads the HWC input directly.
+  const float* wt_sq = nullptr;
+  const float* b_sq_pad = nullptr;
+  int64_t Sp = 0;
 #if defined(__AVX512F__)
   // channels_last moves data between HWC and the CHW buffers with 16x16 register transposes.
   static constexpr bool kTiles = std::is_same_v<V, simd::Avx512F>;
@@ -152,7 +163,7 @@ struct FireKernel {
 
   // Thread-local scratch, reused by all items a thread runs in one call.
   struct Scratch {
-    std::vector<T> buf, stage, otile;
+    std::vector<T> buf, stage, otile, xtail;
     int64_t otile_stride = 0;
     int64_t buf_key[3] = {-1, -1, -1};
     VecMap sq_map, ex_map;
@@ -170,33 +181,46 @@ struct FireKernel {
     T* buf = s.buf.data();
 
     // 1. Squeeze rows [rs, re) into buffer rows (r - r0 + 1), columns (c + 1).
-    const T* src;
-    int64_t src_k, src_first;
-    if (P.channels_last) {
-      const int64_t npix = (re - rs) * W;
-      const T* xn = x + (n * HW + rs * W) * C;
-      T* st = s.stage.data();
-      if constexpr (kTiles)
-        transpose_2d(xn, C, npix, C, st, npix);
-      else
-        for (int64_t p = 0; p < npix; ++p)
-          for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
-      src = st;
-      src_k = npix;
-      src_first = rs;  // staged row 0 is image row rs
-    } else {
-      src = x + n * C * HW + rs * W;
-      src_k = HW;
-      src_first = rs;
-    }
     const int64_t sq_span = (re - rs) * W;
-    s.sq_map.build(L, sq_span, W, W, Wp, (src_first - r0 + 1) * Wp + 1, 1);
+    s.sq_map.build(L, sq_span, W, W, Wp, (rs - r0 + 1) * Wp + 1, 1);
     if (r0 == 0)
       for (int64_t c = 0; c < S; ++c) std::fill(buf + c * plane, buf + c * plane + Wp, T(0));
     if (r1 == H)
       for (int64_t c = 0; c < S; ++c)
         std::fill(buf + c * plane + (rows + 1) * Wp, buf + c * plane + (rows + 2) * Wp, T(0));
-    {
+    bool squeezed = false;
+    if constexpr (kTiles) {
+      if (P.channels_last && !P.staged) {
+        const VecMap& m = s.sq_map;
+        squeeze_hwc_avx512(x + (n * HW + rs * W) * C, sq_span, C, wt_sq, b_sq_pad, S, Sp,
+                           s.xtail.data(), [&](int64_t ch, int64_t v, __m512 val) {
+                             T* dst = buf + ch * plane;
+                             for (int32_t k = m.first[v]; k < m.first[v + 1]; ++k)
+                               _mm512_mask_storeu_ps(dst + m.segs[k].base,
+                                                     (__mmask16)m.segs[k].mask, val);
+                           });
+        squeezed = true;
+      }
+    }
+    if (!squeezed) {
+      const T* src;
+      int64_t src_k;
+      if (P.channels_last) {
+        // Without AVX-512 (and for float64): stage the band CHW first.
+        const int64_t npix = (re - rs) * W;
+        const T* xn = x + (n * HW + rs * W) * C;
+        T* st = s.stage.data();
+        if constexpr (kTiles)
+          transpose_2d(xn, C, npix, C, st, npix);
+        else
+          for (int64_t p = 0; p < npix; ++p)
+            for (int64_t c = 0; c < C; ++c) st[c * npix + p] = xn[p * C + c];
+        src = st;
+        src_k = npix;
+      } else {
+        src = x + n * C * HW + rs * W;
+        src_k = HW;
+      }
       ConvPass<T> p{w_sq, C, src, src_k, 0, C, sq_span, b_sq};
       const VecMap& m = s.sq_map;
       conv_pass<V, 1>(p, 0, S, m.nvec, [&](int64_t ch, int64_t v, const V& val) {
@@ -281,7 +305,9 @@ struct FireKernel {
     const int64_t items = g.batch * P.nbands * P.ngroups;
     // Slack after the last plane: flat vectors of the expands read up to L + 2 positions past it.
     const int64_t buf_len = g.squeeze * P.plane + kSlack;
-    const int64_t stage_len = P.channels_last ? g.in_channels * (P.band_h + 2) * g.width : 0;
+    const int64_t stage_len =
+        P.channels_last && P.staged ? g.in_channels * (P.band_h + 2) * g.width : 0;
+    const int64_t xtail_len = P.channels_last && kTiles ? 16 * g.in_channels : 0;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       // Kept per thread across calls: no allocation (and page faults) per call, store maps stay
       // cached, and the padding columns of the squeeze buffer stay zero as long as its layout
@@ -293,6 +319,7 @@ struct FireKernel {
         std::copy(key, key + 3, s.buf_key);
       }
       if ((int64_t)s.stage.size() < stage_len) s.stage.resize(stage_len);
+      if ((int64_t)s.xtail.size() < xtail_len) s.xtail.resize(xtail_len);
       if (kTiles || !P.channels_last) {
         // Flat vectors of a band: rows*Wp rounded up to whole blocks of NV vectors.
         s.otile_stride = (P.band_h * P.Wp + (Blocking<V>::NV + 1) * L + 15) / 16 * 16;
@@ -314,6 +341,24 @@ void launch(const FirePlan& plan, const at::Tensor& x, const at::Tensor& w_sq,
   };
   FireKernel<V> k(plan, x.data_ptr<T>(), w_sq.data_ptr<T>(), ptr(b_sq), w_e1.data_ptr<T>(),
                   ptr(b_e1), w_e3.data_ptr<T>(), ptr(b_e3), out.data_ptr<T>());
+  if constexpr (FireKernel<V>::kTiles) {
+    if (plan.channels_last) {
+      // Per call (C*S elements): wt[c][s] = w_sq[s][c], zero-padded to a multiple of 16 channels.
+      const int64_t C = plan.g.in_channels, S = plan.g.squeeze, Sp = (S + 15) / 16 * 16;
+      static thread_local std::vector<float> wt, bp;
+      wt.assign(C * Sp, 0.f);
+      bp.assign(Sp, 0.f);
+      const float* w = w_sq.data_ptr<float>();
+      for (int64_t s0 = 0; s0 < S; s0 += 16)
+        for (int64_t c0 = 0; c0 < C; c0 += 16)
+          transpose_tile16(w + s0 * C + c0, C, (int)std::min<int64_t>(16, S - s0),
+                           (int)std::min<int64_t>(16, C - c0), wt.data() + c0 * Sp + s0, Sp);
+      if (b_sq.has_value()) std::copy(k.b_sq, k.b_sq + S, bp.begin());
+      k.wt_sq = wt.data();
+      k.b_sq_pad = bp.data();
+      k.Sp = Sp;
+    }
+  }
   k.run();
 }
 
@@ -342,7 +387,13 @@ at::Tensor fused_fire_cpu(const at::Tensor& x_in, const at::Tensor& w_sq_in,
   const at::Tensor x = x_in.contiguous(fmt);  // a no-op unless x is non-contiguous
   const at::Tensor w_sq = w_sq_in.contiguous(), w_e1 = w_e1_in.contiguous(), w_e3 = w_e3_in.contiguous();
   const auto b_sq = contiguous_opt(b_sq_in), b_e1 = contiguous_opt(b_e1_in), b_e3 = contiguous_opt(b_e3_in);
-  const FirePlan plan = make_plan(g, channels_last, x.element_size());
+  bool staged = x.scalar_type() == at::kDouble;
+#if defined(__AVX512F__)
+  staged = staged || active_isa() != Isa::Avx512;
+#else
+  staged = true;
+#endif
+  const FirePlan plan = make_plan(g, channels_last, x.element_size(), staged);
 
   if (x.scalar_type() == at::kDouble) {
     launch<simd::ArrVec<double, 8>>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
