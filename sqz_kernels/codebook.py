@@ -115,13 +115,6 @@ class _CodebookLayer(nn.Module):
         b = None if self.bias is None else self.bias.to(x.dtype)
         return self.codebook.to(x.dtype), self.codes, self.gaps, self.row_counts, b
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_cover(x):
-            return self.forward_reference(x)
-        return codebook_ops.codebook_fused_fire(x, *self.squeeze._kernel_state(x),
-                                                *self.expand1x1._kernel_state(x),
-                                                *self.expand3x3._kernel_state(x))
-
 
 def _kernels_cover(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)

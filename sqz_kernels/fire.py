@@ -51,6 +51,16 @@ class FusedFire(EagerFire):
         return ops.fused_fire(x, self.squeeze.weight, self.squeeze.bias, self.expand1x1.weight,
                               self.expand1x1.bias, self.expand3x3.weight, self.expand3x3.bias)
 
+    def _apply(self, fn, recurse=True):
+        # The kernels read OIHW weights. model.to(memory_format=torch.channels_last) would make the
+        # 3x3 weight non-contiguous and cost a weight copy on every call; keep the layout instead
+        # (values, dtype and device still follow `fn`).
+        super()._apply(fn, recurse)
+        for conv in (self.squeeze, self.expand1x1, self.expand3x3):
+            if not conv.weight.is_contiguous():
+                conv.weight.data = conv.weight.data.contiguous()
+        return self
+
     @classmethod
     def from_fire(cls, m: nn.Module) -> "FusedFire":
         """A FusedFire sharing the parameters (same tensors, no copy) of any Fire-like module."""

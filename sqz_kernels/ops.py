@@ -67,23 +67,26 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     # The backward recomputes the squeeze activation with ATen ops (it is not kept by the fused
-    # forward) and then follows the chain rule of the eager Fire exactly.
+    # forward) and then follows the chain rule of the eager Fire exactly, computing only the
+    # gradients that are needed.
     x, w_sq, b_sq, w_e1, b_e1, w_e3, out = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3
     e1 = w_e1.shape[0]
+    nn_grad = torch.nn.grad
     s = F.relu(F.conv2d(x, w_sq, b_sq))
     g = grad_out * (out > 0).to(grad_out.dtype)
     g1, g3 = g[:, :e1], g[:, e1:]
-    nn_grad = torch.nn.grad
-    gs = nn_grad.conv2d_input(s.shape, w_e1, g1) + nn_grad.conv2d_input(s.shape, w_e3, g3, padding=1)
-    gw_e1 = nn_grad.conv2d_weight(s, w_e1.shape, g1)
-    gw_e3 = nn_grad.conv2d_weight(s, w_e3.shape, g3, padding=1)
-    gs = gs * (s > 0).to(gs.dtype)
-    gx = nn_grad.conv2d_input(x.shape, w_sq, gs)
-    gw_sq = nn_grad.conv2d_weight(x, w_sq.shape, gs)
-    hb_sq, hb_e1, hb_e3 = ctx.has_bias
-    gb_sq = gs.sum((0, 2, 3)) if hb_sq else None
-    gb_e1 = g1.sum((0, 2, 3)) if hb_e1 else None
-    gb_e3 = g3.sum((0, 2, 3)) if hb_e3 else None
+    gw_e1 = nn_grad.conv2d_weight(s, w_e1.shape, g1) if need[3] else None
+    gw_e3 = nn_grad.conv2d_weight(s, w_e3.shape, g3, padding=1) if need[5] else None
+    gb_e1 = g1.sum((0, 2, 3)) if need[4] and ctx.has_bias[1] else None
+    gb_e3 = g3.sum((0, 2, 3)) if need[6] and ctx.has_bias[2] else None
+    gx = gw_sq = gb_sq = None
+    if need[0] or need[1] or need[2]:
+        gs = nn_grad.conv2d_input(s.shape, w_e1, g1) + nn_grad.conv2d_input(s.shape, w_e3, g3, padding=1)
+        gs = gs * (s > 0).to(gs.dtype)
+        gx = nn_grad.conv2d_input(x.shape, w_sq, gs) if need[0] else None
+        gw_sq = nn_grad.conv2d_weight(x, w_sq.shape, gs) if need[1] else None
+        gb_sq = gs.sum((0, 2, 3)) if need[2] and ctx.has_bias[0] else None
     return gx, gw_sq, gb_sq, gw_e1, gb_e1, gw_e3, gb_e3
 
 

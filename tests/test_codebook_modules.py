@@ -86,3 +86,16 @@ def test_demo_compressed_runs(capsys):
     assert main(["demo", "--compress", "--rounds", "1", "--budget", "0.05", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "compressed, resident" in out and ".sqz file" in out
+
+
+def test_report_resident_bytes_counts_each_tensor_once(compressed_net):
+    from sqz_kernels.compression import report, resident_bytes
+
+    assert report(compressed_net).resident_bytes == resident_bytes(compressed_net)
+
+
+def test_empty_layer_reference_path_keeps_device():
+    m = sk.CodebookConv2d(4, 3, 3, padding=1)  # no entries yet: an all-zero weight
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(m.forward_reference(x), m.bias.detach().view(1, 3, 1, 1).expand(1, 3, 5, 5))
+    torch.testing.assert_close(m(x), m.forward_reference(x))

@@ -154,3 +154,23 @@ def test_torchvision_fire_from_fire():
     x = torch.randn(2, 16, 7, 7)
     with torch.no_grad():
         assert rel_err(fused(x), fire(x).double()) <= 1e-5
+
+
+def test_channels_last_model_keeps_fused_weights_contiguous():
+    m = torch.nn.Sequential(sk.FusedFire(8, 4, 6, 6)).to(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in m.parameters())
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = m(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(y, m[0].to_fire()(x).double()) <= 1e-5
+
+
+def test_backward_input_only():
+    args = [a.detach() for a in make_fire_args(2, 6, 3, 4, 5, 5, 6)]
+    x = args[0].clone().requires_grad_()
+    sk.ops.fused_fire(x, *args[1:]).square().sum().backward()
+    xr = args[0].clone().requires_grad_()
+    sk.ops.fire_reference(xr, *args[1:]).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    assert all(a.grad is None for a in args[1:] if a is not None)

@@ -387,9 +387,12 @@ at::Tensor fused_fire_cpu(const at::Tensor& x_in, const at::Tensor& w_sq_in,
   const at::Tensor x = x_in.contiguous(fmt);  // a no-op unless x is non-contiguous
   const at::Tensor w_sq = w_sq_in.contiguous(), w_e1 = w_e1_in.contiguous(), w_e3 = w_e3_in.contiguous();
   const auto b_sq = contiguous_opt(b_sq_in), b_e1 = contiguous_opt(b_e1_in), b_e3 = contiguous_opt(b_e3_in);
+  // Read the ISA once: the plan (staging buffer sizes) and the kernel chosen must agree even if
+  // another thread calls set_cpu_isa meanwhile.
+  const Isa isa = active_isa();
   bool staged = x.scalar_type() == at::kDouble;
 #if defined(__AVX512F__)
-  staged = staged || active_isa() != Isa::Avx512;
+  staged = staged || isa != Isa::Avx512;
 #else
   staged = true;
 #endif
@@ -399,7 +402,7 @@ at::Tensor fused_fire_cpu(const at::Tensor& x_in, const at::Tensor& w_sq_in,
     launch<simd::ArrVec<double, 8>>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);
     return out;
   }
-  switch (active_isa()) {
+  switch (isa) {
 #if defined(__AVX512F__)
     case Isa::Avx512:
       launch<simd::Avx512F>(plan, x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3, out);

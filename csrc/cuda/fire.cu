@@ -1,5 +1,5 @@
 // CUDA FusedFire: squeeze 1x1 + ReLU -> (expand 1x1 + ReLU || expand 3x3 pad 1 + ReLU) -> concat,
-// in ONE kernel launch. See ARCHITECTURE.md §4 and the design notes below.
+// in ONE kernel launch. See the design notes below.
 //
 // Work decomposition
 // ------------------

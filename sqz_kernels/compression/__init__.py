@@ -1,7 +1,7 @@
 """Deep Compression (Han, Mao, Dally, ICLR 2016) for sqz_kernels models.
 
 prune (magnitude, masks held) -> k-means weight sharing per layer -> centroid fine-tuning ->
-Huffman-coded storage in a safetensors container (.sqz). See COMPRESSION_NOTES.md.
+Huffman-coded storage in a safetensors container (.sqz). See docs/compression.md.
 """
 from .api import PRESETS, compress, compressible_layers, file_report, report, resident_bytes
 from .container import load, read, read_metadata, save

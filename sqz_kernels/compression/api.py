@@ -157,10 +157,6 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
     return r
 
 
-def _dense_state_bytes(model):
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 def _swap(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
     for name, mod in mods.items():
         parent, _, child = name.rpartition(".")
@@ -181,7 +177,9 @@ def report(model: nn.Module, index_bits: Union[int, str] = "auto", codebook_dtyp
             shape=list(m.weight_shape), params=math.prod(m.weight_shape), nnz=p["nnz"], bits=m.bits,
             n=int(m.codebook.numel()), index_bits=p["index_bits"], index_symbols=p["gaps"][2],
             index_bytes=len(p["gaps"][0]), codes_bytes=len(p["codes"][0]),
-            codebook_bytes=int(m.codebook.numel()) * cb_size, resident_bytes=m.resident_bytes()))
+            codebook_bytes=int(m.codebook.numel()) * cb_size,
+            # the bias is a dense leftover, counted once in other_bytes
+            resident_bytes=m.resident_bytes() - (0 if m.bias is None else m.bias.numel() * m.bias.element_size())))
         pre = name + "." if name else ""
         owned.update(pre + s for s in ("codebook", "codes", "gaps", "row_counts"))
     other = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in owned)

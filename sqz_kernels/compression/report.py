@@ -28,7 +28,7 @@ class LayerReport:
     index_bytes: int            # Huffman-coded gap stream
     codes_bytes: int            # Huffman-coded code stream
     codebook_bytes: int
-    resident_bytes: int = 0     # in memory: 2 per resident entry + codebook + row_counts + bias
+    resident_bytes: int = 0     # in memory: 2 per resident entry + codebook + row_counts (bias: other_bytes)
 
     @property
     def density(self) -> float:

@@ -113,7 +113,8 @@ def decode_positions(gaps: Tensor, row_counts: Tensor, k: int, filler: int = FIL
     is the gap value of a filler entry (255 resident; 2**index_bits - 1 in the file)."""
     e = gaps.numel()
     if e == 0:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+        return (torch.zeros(0, dtype=torch.bool, device=gaps.device),
+                torch.zeros(0, dtype=torch.int64, device=gaps.device))
     g = gaps.to(torch.int64)
     real = g != filler
     step = torch.where(real, g + 1, torch.full_like(g, filler))
