@@ -83,7 +83,9 @@ if use_cuda:
 
 march = os.environ.get("SQZ_CPU_ARCH", "native")
 # Release objects: no -g (Python's default CFLAGS carry it and make the .so ten times larger).
-cxx_flags = ["-O3", f"-march={march}", "-g0", "-fno-math-errno"]  # -std: torch picks (C++20 for torch >= 2.10)
+# -fopenmp: at::parallel_for is a header-inline `#pragma omp parallel` (torch's OpenMP backend), so
+# without it every parallel region of ours silently runs on one thread.
+cxx_flags = ["-O3", f"-march={march}", "-g0", "-fno-math-errno", "-fopenmp"]  # -std: torch picks
 # No --use_fast_math: the fp32 path must stay IEEE-exact FFMA. -Xptxas=-v reports registers/spills.
 nvcc_flags = ["-O3", "-Xptxas=-v", "-lineinfo"]
 
@@ -106,7 +108,7 @@ ext = Ext(
     include_dirs=include_dirs,
     define_macros=define_macros,
     extra_compile_args=extra,
-    extra_link_args=["-s"],
+    extra_link_args=["-s", "-fopenmp"],
     py_limited_api=False,
 )
 

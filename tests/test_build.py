@@ -19,3 +19,13 @@ def test_cuda_kernel_registered_iff_built():
 
 def test_isa_reported():
     assert sk.ops.cpu_isa() in ("avx512", "avx2", "scalar")
+
+
+def test_parallel_regions_are_openmp():
+    # at::parallel_for is a header-inline `#pragma omp parallel`: built without -fopenmp the
+    # extension silently runs every kernel on one thread. The OpenMP runtime entry point must be
+    # imported by the .so.
+    import sqz_kernels._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
