@@ -43,7 +43,7 @@ inline void check_weight(const at::Tensor& w, const char* name, const at::Tensor
               " but x is on ", x.device());
 }
 
-// Validates every argument and returns the geometry. `allowed` decides the dtypes a backend takes.
+// Validates every argument and returns the geometry (each backend checks the dtypes it takes).
 inline FireGeometry check_fire_args(const at::Tensor& x, const at::Tensor& w_sq,
                                     const c10::optional<at::Tensor>& b_sq, const at::Tensor& w_e1,
                                     const c10::optional<at::Tensor>& b_e1, const at::Tensor& w_e3,
