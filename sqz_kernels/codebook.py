@@ -14,21 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import codebook_ops
+from .codebook_ops import _pair
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
 __all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire"]
 
 _STREAMS = ("codes", "gaps", "row_counts")
-
-
-def _pair(v, what):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    if len(v) != 2:
-        raise ValueError(f"{what} must be an int or a pair, got {v!r}")
-    return v
 
 
 class _CodebookLayer(nn.Module):

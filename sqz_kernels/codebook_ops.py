@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the .so, which registers the ops)
+from . import ops as _ops  # the memory-format rule shared with fused_fire (used at call time)
 
 __all__ = [
     "codebook_conv2d",
@@ -138,12 +139,6 @@ def codebook_fire_reference(x, sq, e1, e3) -> Tensor:
     return torch.cat([F.relu(F.conv2d(s, w_e1, e1[4])), F.relu(F.conv2d(s, w_e3, e3[4], padding=1))], 1)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 # ------------------------------------------------------------------------------------------------
 # Fake kernels
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +149,7 @@ def _conv_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, 
     ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
     out = x.new_empty((n, row_counts.shape[0], ho, wo))
-    return out.contiguous(memory_format=_memory_format(x))
+    return out.contiguous(memory_format=_ops._memory_format(x))
 
 
 @torch.library.register_fake("sqz_kernels::codebook_linear")
@@ -168,7 +163,7 @@ def _fire_fake(x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codeboo
     torch._check(x.dim() == 4, lambda: "codebook_fused_fire: x must be 4-D [N, C, H, W]")
     n, _, h, w = x.shape
     out = x.new_empty((n, e1_counts.shape[0] + e3_counts.shape[0], h, w))
-    return out.contiguous(memory_format=_memory_format(x))
+    return out.contiguous(memory_format=_ops._memory_format(x))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,12 +81,6 @@ def _check_bits(v, what):
     return v
 
 
-def _check_density(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-        raise ValueError(f"{what} must be a number in (0, 1], got {v!r}")
-    return float(v)
-
-
 def _kind(m):
     return "linear" if isinstance(m, nn.Linear) else "conv2d"
 
@@ -125,7 +119,7 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
     layers, fires, skipped = compressible_layers(model, filter_fn)
     if not layers:
         raise ValueError("compress: the model has no Conv2d / Linear layer to compress")
-    dens = _per_layer(density, layers, lambda n, m: 1.0, "density", _check_density)
+    dens = _per_layer(density, layers, lambda n, m: 1.0, "density", _prune._check_density)
     nbits = _per_layer(bits, layers, lambda n, m: DEFAULT_BITS[_kind(m)], "bits", _check_bits)
 
     # 1. prune (masks stay in force during retraining)
