@@ -102,6 +102,17 @@ class _CodebookLayer(nn.Module):
                 setattr(self, name, torch.empty_like(new[name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+    def _take_over(self, dense: nn.Module, mask, init: str, iters: int):
+        """Become the compressed version of a dense Conv2d/Linear: its device, weight (k-means
+        over the entries in `mask`), bias and training mode."""
+        self.to(dense.weight.device)
+        self.compress_weight_(dense.weight, mask, init, iters)
+        if dense.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(dense.bias)
+        self.train(dense.training)
+        return self
+
     def _kernel_state(self, x: Tensor):
         """(codebook, codes, gaps, row_counts, bias) in x's dtype, as the kernels take them."""
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -136,13 +147,7 @@ class CodebookConv2d(_CodebookLayer):
             raise ValueError("from_conv: only groups=1, dilation=1, numeric zero padding are supported")
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 bias=conv.bias is not None, bits=bits)
-        m.to(conv.weight.device)
-        m.compress_weight_(conv.weight, mask, init, iters)
-        if conv.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(conv.bias)
-        m.train(conv.training)
-        return m
+        return m._take_over(conv, mask, init, iters)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         w = self.decoded_weight().to(x.dtype)
@@ -177,13 +182,7 @@ class CodebookLinear(_CodebookLayer):
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"from_linear: expected nn.Linear, got {type(lin).__name__}")
         m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, bits=bits)
-        m.to(lin.weight.device)
-        m.compress_weight_(lin.weight, mask, init, iters)
-        if lin.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(lin.bias)
-        m.train(lin.training)
-        return m
+        return m._take_over(lin, mask, init, iters)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
