@@ -49,8 +49,10 @@ ctest: deps
 test: pytest ctest
 
 bench: build $(STAMP)/bench-deps
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json
+	$(PY) -m pytest bench/bench_fire.py bench/bench_squeezenet.py bench/bench_codebook.py -q \
+	  --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/summarize.py bench/results/latest.json
+	$(PY) bench/report.py
 	$(PY) -m sqz_kernels bench --plot bench/results/fire_speedups.png
 
 clean:
