@@ -42,7 +42,9 @@ pytest: build
 	$(PY) -m pytest tests -q
 
 ctest: deps
-	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython3_EXECUTABLE=$$(command -v $(PY)) > /dev/null
+	@command -v cmake >/dev/null || $(PIP) install -q cmake
+	cmake -S . -B $(CMAKE_BUILD) $$(command -v ninja >/dev/null && echo -G Ninja) \
+	  -DPython3_EXECUTABLE=$$(command -v $(PY)) > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
