@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "codebook.h"
+#include "memory_format.h"
 #include "cpu/codebook_spmm.h"
 
 namespace sqz {
@@ -115,10 +116,6 @@ template void conv_forward<double>(const double*, const int64_t*, const ConvGeom
 
 namespace {
 
-bool wants_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
                                const at::Tensor& codes, const at::Tensor& gaps,
                                const at::Tensor& row_counts, const c10::optional<at::Tensor>& bias,
@@ -153,9 +150,7 @@ at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
   g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
   at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo},
-                             x.options().memory_format(wants_channels_last(x)
-                                                           ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous));
+                             x.options().memory_format(sqz::output_memory_format(x)));
   const at::Tensor cbc = codebook.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "codebook.h"
+#include "memory_format.h"
 #include "cpu/codebook_spmm.h"
 
 namespace sqz {
@@ -159,10 +160,8 @@ at::Tensor codebook_fused_fire_cpu(
   const int64_t S = check_stream(op, "sq_", x, sq);
   const int64_t E1 = check_stream(op, "e1_", x, e1);
   const int64_t E3 = check_stream(op, "e3_", x, e3);
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty(
-      {x.size(0), E1 + E3, x.size(2), x.size(3)},
-      x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty({x.size(0), E1 + E3, x.size(2), x.size(3)},
+                             x.options().memory_format(sqz::output_memory_format(x)));
   if (x.scalar_type() == at::kFloat) {
     fire_forward<float>(x, sq, e1, e3, S, E1, E3, out, op);
   } else {

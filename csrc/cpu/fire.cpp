@@ -33,6 +33,7 @@
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "fire.h"
+#include "memory_format.h"
 
 namespace sqz {
 namespace {
@@ -376,9 +377,8 @@ at::Tensor fused_fire_cpu(const at::Tensor& x_in, const at::Tensor& w_sq_in,
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "fused_fire (CPU): x must be float32 or float64, got ", x_in.scalar_type());
   // Output format follows the input (same rule as the fake kernel in sqz_kernels/ops.py).
-  const bool channels_last =
-      !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = output_memory_format(x_in);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({g.batch, g.out_channels(), g.height, g.width}, x_in.options(), fmt);
   if (g.batch == 0) return out;
   TORCH_CHECK(!channels_last || g.height * g.width * g.out_channels() < (int64_t(1) << 31),

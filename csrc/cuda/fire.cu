@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "fire.h"
+#include "memory_format.h"
 
 namespace sqz {
 namespace {
@@ -726,10 +727,8 @@ at::Tensor fused_fire_cuda(const at::Tensor& x, const at::Tensor& w_sq,
 
   // Output memory format = x's: channels_last iff x is channels_last-contiguous and not plain
   // contiguous (the same rule as the fake kernel in sqz_kernels/ops.py).
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({geo.batch, geo.out_channels(), geo.height, geo.width},
-                             x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous));
+                             x.options().memory_format(sqz::output_memory_format(x)));
   if (geo.batch == 0) return out;
 
   switch (st) {
