@@ -1,5 +1,7 @@
-"""The K-blocked path of the sparse-codebook kernels (layers with many input channels on maps large
-enough for several pixel tiles: rows are walked in 64-channel blocks that accumulate partial tiles)."""
+"""The K-blocked path of the sparse-codebook kernels: rows are walked block of input channels by
+block, each row resuming where its walk stopped, partial tiles accumulating across blocks. Layers with
+very many channels block by default; SQZ_KBLOCK_BYTES / SQZ_KBLOCK_MIN_ENTRIES force tiny blocks so
+that every block boundary (fillers that cross it, empty blocks, rows that end early) is exercised."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,5 +48,44 @@ def test_blocked_fire(shape, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     st = [_cast(L, torch.float32) for L in layers]
     y = co.codebook_fused_fire(x, *st[0], *st[1], *st[2])
+    ref = co.codebook_fire_reference(x.double(), *[_cast(L, torch.float64) for L in layers])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+TINY = [  # (C, O, k, stride, pad, H, density, force_fillers)
+    (300, 7, 1, 1, 0, 9, 0.05, True),
+    (40, 9, 3, 1, 1, 11, 0.3, False),
+    (6, 5, 7, 2, 3, 17, 0.5, False),
+    (120, 4, 3, 2, 0, 13, 0.02, True),
+]
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    monkeypatch.setenv("SQZ_KBLOCK_BYTES", "1")  # one input channel per block
+    monkeypatch.setenv("SQZ_KBLOCK_MIN_ENTRIES", "0")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", TINY, ids=str)
+def test_one_channel_blocks_conv(case, channels_last, cpu_isa, tiny_blocks):
+    c, o, k, s, p, h, density, fillers = case
+    layer = make_layer(o, c * k * k, density, bits=5, seed=o, force_fillers=fillers)
+    x = torch.randn(2, c, h, h)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = co.codebook_conv2d(x, *_cast(layer, torch.float32), k, s, p, True)
+    ref = F.relu(F.conv2d(x.double(), layer["dense"].double().reshape(o, c, k, k),
+                          layer["bias"].double(), s, p))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(270, 12, 8, 8, 10), (33, 6, 5, 7, 7)], ids=str)
+def test_one_channel_blocks_fire(shape, cpu_isa, tiny_blocks):
+    c, s, e1, e3, h = shape
+    layers = [make_layer(s, c, 0.2, 4, seed=4, force_fillers=c > 255), make_layer(e1, s, 0.4, 4, seed=5),
+              make_layer(e3, 9 * s, 0.3, 4, seed=6)]
+    x = torch.randn(2, c, h, h + 3)
+    y = co.codebook_fused_fire(x, *[t for L in layers for t in _cast(L, torch.float32)])
     ref = co.codebook_fire_reference(x.double(), *[_cast(L, torch.float64) for L in layers])
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)

@@ -25,21 +25,22 @@ template <typename T>
 void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
                   const T* bias, bool relu, T* out, const int64_t* os, const char* op) {
   const Kernel<T> k = select_kernel<T>(active_isa());
-  const int64_t C = g.C, H = g.H, W = g.W;
-  const bool direct = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 &&
-                      g.pw == 0 && (W == 1 || xs[3] == 1) && (H == 1 || xs[2] == W) &&
-                      (C - 1) * xs[1] + H * W < std::numeric_limits<int32_t>::max();
-  const int64_t plane_w = direct ? W : ceil_div(W + 2 * g.pw, g.sw);
+  const int64_t C = g.C;
   const int64_t extra_rows = (g.kh - 1) / g.sh;  // plane rows = band rows + extra_rows
+  const int64_t planes = g.kw * g.sh;             // copies x phases of the aligned layout
+  // A 1x1 stride-1 conv on rows that are contiguous in x and in out (NCHW) has no halo and no
+  // padding: a band of rows is one flat run of pixels per channel, packed with one copy per
+  // channel instead of one per row, and no pitch padding per row.
+  const bool flat = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                    xs[3] == 1 && (g.H == 1 || xs[2] == g.W) && os[3] == 1 &&
+                    (g.Ho == 1 || os[2] == g.Wo);
+  int64_t pitch = round_up(g.Wo, kVec);
   const int64_t nthreads = at::get_num_threads();
 
   // Bands of output rows: the packed band fits the budget; enough (image, band) tasks for the
   // threads; split output channels only when there are still too few.
-  int64_t bmax = g.Ho;
-  if (!direct) {
-    const int64_t row_bytes = g.sh * g.sw * C * plane_w * static_cast<int64_t>(sizeof(T));
-    bmax = std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes) - extra_rows);
-  }
+  const int64_t row_bytes = planes * C * pitch * static_cast<int64_t>(sizeof(T));
+  const int64_t bmax = std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes) - extra_rows);
   int64_t nb = ceil_div(g.Ho, bmax);
   if (g.N * nb < nthreads) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
   const int64_t B = ceil_div(g.Ho, nb);
@@ -49,40 +50,30 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
   const int64_t OB = ceil_div(g.O, ob);
   ob = ceil_div(g.O, OB);
 
-  const int64_t plane_rows = B + extra_rows;
-  const int64_t plane = plane_rows * plane_w;
-  const int64_t slack = plane_w + kMaxTile;
-  const int64_t buf_elems = direct ? 0 : g.sh * g.sw * C * plane + slack;
-  TORCH_CHECK(buf_elems < std::numeric_limits<int32_t>::max(), op,
+  if (flat) pitch = round_up(B * g.Wo, kVec);
+  const Layout lay = flat ? make_layout(C, 1, 1, 1, 1, B * g.Wo) : make_layout(C, g.kh, g.kw, g.sh, B, g.Wo);
+  TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
               ": input too large for 32-bit address offsets");
 
   const int64_t K = C * g.kh * g.kw;
   const RowStarts rs = validate_stream(op, "", s, K);
-  // Per-call table: weight position (ci, ky, kx) -> input address offset (K int32).
+  // Per-call table: weight position (ci, ky, kx) -> address offset in the packed band (K int32).
   std::vector<int32_t> tab(K);
   for (int64_t ci = 0, pos = 0; ci < C; ++ci)
     for (int64_t ky = 0; ky < g.kh; ++ky)
       for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
-        tab[pos] = static_cast<int32_t>(direct ? ci * xs[1]
-                                               : tap_offset(ci, ky, kx, g.sh, g.sw, C, plane, plane_w));
+        tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
   const at::Tensor gaps = s.gaps.contiguous(), codes = s.codes.contiguous();
   Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
 
-  const int64_t halo = extra_rows * plane_w + (g.kw - 1) / g.sw;
-  int tile = fit_tile(k, C * g.sh * g.sw, halo);
-  const int64_t cch = chunk_channels(k, C, g.sh * g.sw, halo, B * plane_w, s.codes.numel(), g.O);
-  Chunks chunks;
-  if (cch < C) {
-    chunks = build_chunks(L.gaps, rs.data(), g.O, K, cch * g.kh * g.kw);
-    tile = k.tile;
-    L.nch = chunks.nch;
-    L.cs = chunks.start.data();
-    L.ccur = chunks.cur.data();
-  }
+  const int64_t step = tile_step(k, flat ? pitch : B * pitch);
+  const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);
+  set_blocks(L, C, g.kh * g.kw, cch);
   const int64_t tasks = g.N * nb * ob;
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> buf(buf_elems);
-    if (!direct) std::fill(buf.end() - slack, buf.end(), T(0));
+    AlignedBuffer<T> buf(lay.elems);
+    std::vector<T> part;
+    std::vector<Walk> walk;
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
@@ -91,18 +82,19 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
       const int64_t rows = std::min(B, g.Ho - r0);
       const int64_t o0 = blk * OB, o1 = std::min(g.O, o0 + OB);
       if (rows <= 0 || o0 >= o1) continue;
-      const T* xn = x + n * xs[0];
-      const T* in;
-      if (direct) {
-        in = xn + r0 * W;  // pixel q of the image is at xn[q]
-      } else {
-        pack_band(xn, xs[1], xs[2], xs[3], C, H, W, r0 * g.sh, g.sh, g.sw, g.ph, g.pw, plane_rows,
-                  plane_w, buf.data());
-        in = buf.data();
+      T* on = out + n * os[0] + r0 * os[2];
+      if (flat) {
+        const int64_t npix = rows * g.W;
+        for (int64_t ci = 0; ci < C; ++ci)
+          copy_row(buf.data() + ci * lay.plane, x + n * xs[0] + ci * xs[1] + r0 * g.W, npix);
+        const Epilogue<T> ep{on, os[1], 0, 1, pitch, npix, bias, relu};
+        spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), OutSink<T>{ep, k.wide}, part, walk);
+        continue;
       }
-      const Epilogue<T> ep{out + n * os[0] + r0 * os[2], os[1], os[2], os[3], plane_w, g.Wo, bias,
-                           relu};
-      spmm_rows(k, tile, in, L, o0, o1, 0, rows * plane_w, ep);
+      pack_band(x + n * xs[0], xs[1], xs[2], xs[3], C, g.H, g.W, r0 * g.sh, g.kw, g.sh, g.sw,
+                g.ph, g.pw, g.Wo, lay, buf.data());
+      const Epilogue<T> ep{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu};
+      spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, OutSink<T>{ep, k.wide}, part, walk);
     }
   });
 }

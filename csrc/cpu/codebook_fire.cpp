@@ -23,6 +23,64 @@ constexpr int64_t kFireBandBytes = 512 * 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Squeeze epilogue: a finished tile of squeeze channel o (pixels q of the packed input band, row
+// pitch P, valid columns [0, W)) -> ReLU(acc + b) written into the three column copies of the
+// squeeze buffer (copy kx, column j = squeeze column j + kx - 1, so copy 1 is the map itself and
+// copies 0 / 2 are it shifted right / left by one, with the zero border column kept zero).
+template <typename T>
+struct SqueezeSink {
+  T* sbuf;             // row 0 of the band's squeeze buffer = squeeze row r0 - 1
+  int64_t row_off;     // local row of the first packed input row (ra - (r0 - 1))
+  int64_t P, W;        // pitch and valid columns
+  int64_t plane, copy_stride;
+  const T* bias;
+
+  void store(const T* acc, int64_t q0, int len, int64_t o) const {
+    const T b = bias ? bias[o] : T(0);
+    for (int64_t i = 0; i < len;) {
+      const int64_t q = q0 + i;
+      const int64_t row = q / P, col = q - row * P;
+      const int64_t seg = std::min<int64_t>(len - i, P - col);
+      const int64_t c1 = std::min(W, col + seg);
+      T* r = sbuf + o * plane + (row + row_off) * P;
+      for (int64_t c = col; c < c1; ++c) {
+        T v = acc[i + c - col] + b;
+        v = v < T(0) ? T(0) : v;  // ReLU (NaN stays NaN, like torch.relu)
+        if (c + 1 < W) r[c + 1] = v;             // copy 0
+        r[copy_stride + c] = v;                  // copy 1
+        if (c >= 1) r[2 * copy_stride + c - 1] = v;  // copy 2
+      }
+      i += seg;
+    }
+  }
+
+  bool plan(int64_t q0, int len, TileDst<T>& td) const {
+    if (len % 16 != 0 || P % 16 != 0) return false;
+    td.nd = 3;
+    for (int d = 0; d < 3; ++d) {
+      td.base[d] = sbuf + d * copy_stride + row_off * P;
+      td.row_stride[d] = plane;
+    }
+    td.bias = bias;
+    td.relu = true;
+    for (int v = 0; v < len / 16; ++v) {
+      const int64_t q = q0 + 16 * v, row = q / P, col = q - row * P;
+      // lane l is squeeze column c = col + l, valid for c < W; copy d stores it at column
+      // c + 1 - d, kept only inside [0, W) so the zero border columns stay zero.
+      const uint32_t valid = static_cast<uint32_t>(std::max<int64_t>(0, std::min<int64_t>(16, W - col)));
+      const uint32_t m = valid >= 16 ? 0xFFFFu : (1u << valid) - 1u;
+      const uint32_t last = valid > 0 && col + valid == W ? 1u << (valid - 1) : 0u;
+      td.off[0][v] = row * P + col + 1;
+      td.mask[0][v] = static_cast<uint16_t>(m & ~last);  // column c + 1 < W
+      td.off[1][v] = row * P + col;
+      td.mask[1][v] = static_cast<uint16_t>(m);
+      td.off[2][v] = row * P + col - 1;
+      td.mask[2][v] = static_cast<uint16_t>(col == 0 ? m & ~1u : m);  // column c - 1 >= 0
+    }
+    return true;
+  }
+};
+
 template <typename T>
 void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const Stream& e3,
                   int64_t S, int64_t E1, int64_t E3, at::Tensor& out, const char* op) {
@@ -30,11 +88,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  const bool direct = (W == 1 || xs[3] == 1) && (H == 1 || xs[2] == W) &&
-                      (C - 1) * xs[1] + H * W < std::numeric_limits<int32_t>::max();
-  const int64_t Wp = W + 2;
+  const int64_t P = round_up(W, kVec);
   const int64_t nthreads = at::get_num_threads();
-  const int64_t row_bytes = (S * Wp + (direct ? 0 : C * W)) * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = (3 * S + C) * P * static_cast<int64_t>(sizeof(T));
   const int64_t bmax = std::max<int64_t>(1, kFireBandBytes / std::max<int64_t>(1, row_bytes) - 2);
   int64_t nb = ceil_div(H, bmax);
   if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, std::max<int64_t>(N, 1)));
@@ -46,26 +102,25 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t OB = ceil_div(Eout, ob);
   ob = ceil_div(Eout, OB);
 
-  const int64_t planeS = (B + 2) * Wp;
-  const int64_t planeP = (B + 2) * W;
-  const int64_t slack = Wp + kMaxTile;
-  const int64_t s_elems = S * planeS + slack;
-  const int64_t p_elems = direct ? 0 : C * planeP + slack;
-  TORCH_CHECK(s_elems < std::numeric_limits<int32_t>::max() &&
-                  p_elems < std::numeric_limits<int32_t>::max(),
+  // Packed input band: rows [r0 - 1, r0 + B + 1) of x (1 copy); squeeze buffer: B + 2 rows with
+  // the zero border, three column copies for the 3x3 taps.
+  const Layout lx = make_layout(C, 1, 1, 1, B + 2, W);
+  const Layout ls = make_layout(S, 3, 3, 1, B, W);
+  TORCH_CHECK(lx.elems < std::numeric_limits<int32_t>::max() &&
+                  ls.elems < std::numeric_limits<int32_t>::max(),
               op, ": input too large for 32-bit address offsets");
 
   const RowStarts rs_sq = validate_stream(op, "sq_", sq, C);
   const RowStarts rs_e1 = validate_stream(op, "e1_", e1, S);
   const RowStarts rs_e3 = validate_stream(op, "e3_", e3, 9 * S);
-  // Per-call tables: weight position -> address offset in the (packed) input / squeeze buffer.
+  // Per-call tables: weight position -> address offset in the packed input / squeeze buffer.
   std::vector<int32_t> t_sq(C), t_e1(S), t_e3(9 * S);
-  for (int64_t ci = 0; ci < C; ++ci) t_sq[ci] = static_cast<int32_t>(direct ? ci * xs[1] : ci * planeP);
+  for (int64_t ci = 0; ci < C; ++ci) t_sq[ci] = static_cast<int32_t>(lx.offset(ci, 0, 0));
   for (int64_t ci = 0; ci < S; ++ci) {
-    t_e1[ci] = static_cast<int32_t>(ci * planeS + Wp + 1);
+    t_e1[ci] = static_cast<int32_t>(ls.offset(ci, 1, 1));
     for (int64_t ky = 0; ky < 3; ++ky)
       for (int64_t kx = 0; kx < 3; ++kx)
-        t_e3[ci * 9 + ky * 3 + kx] = static_cast<int32_t>(ci * planeS + ky * Wp + kx);
+        t_e3[ci * 9 + ky * 3 + kx] = static_cast<int32_t>(ls.offset(ci, ky, kx));
   }
   if (N == 0) return;
 
@@ -74,35 +129,31 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const at::Tensor b_sq = sq.bias.has_value() ? sq.bias->contiguous() : at::Tensor();
   const at::Tensor b_e1 = e1.bias.has_value() ? e1.bias->contiguous() : at::Tensor();
   const at::Tensor b_e3 = e3.bias.has_value() ? e3.bias->contiguous() : at::Tensor();
-  const T* csq = cb_sq.data_ptr<T>();
-  const T* ce1 = cb_e1.data_ptr<T>();
-  const T* ce3 = cb_e3.data_ptr<T>();
   const T* bsq = b_sq.defined() ? b_sq.data_ptr<T>() : nullptr;
   const T* be1 = b_e1.defined() ? b_e1.data_ptr<T>() : nullptr;
   const T* be3 = b_e3.defined() ? b_e3.data_ptr<T>() : nullptr;
   const at::Tensor g_sq = sq.gaps.contiguous(), k_sq = sq.codes.contiguous();
   const at::Tensor g_e1 = e1.gaps.contiguous(), k_e1 = e1.codes.contiguous();
   const at::Tensor g_e3 = e3.gaps.contiguous(), k_e3 = e3.codes.contiguous();
-  Rows<T> Lsq{g_sq.data_ptr<uint8_t>(), k_sq.data_ptr<uint8_t>(), rs_sq.data(), t_sq.data(), csq};
-  const Rows<T> Le1{g_e1.data_ptr<uint8_t>(), k_e1.data_ptr<uint8_t>(), rs_e1.data(), t_e1.data(), ce1};
-  const Rows<T> Le3{g_e3.data_ptr<uint8_t>(), k_e3.data_ptr<uint8_t>(), rs_e3.data(), t_e3.data(), ce3};
+  Rows<T> Lsq{g_sq.data_ptr<uint8_t>(), k_sq.data_ptr<uint8_t>(), rs_sq.data(), t_sq.data(),
+              cb_sq.data_ptr<T>()};
+  Rows<T> Le1{g_e1.data_ptr<uint8_t>(), k_e1.data_ptr<uint8_t>(), rs_e1.data(), t_e1.data(),
+              cb_e1.data_ptr<T>()};
+  Rows<T> Le3{g_e3.data_ptr<uint8_t>(), k_e3.data_ptr<uint8_t>(), rs_e3.data(), t_e3.data(),
+              cb_e3.data_ptr<T>()};
   const T* xp = x.data_ptr<T>();
   T* yp = out.data_ptr<T>();
 
-  int tile_sq = fit_tile(k, C, 0);
-  const int64_t cch = chunk_channels(k, C, 1, 0, (B + 2) * W, sq.codes.numel(), S);
-  Chunks chunks;
-  if (cch < C) {  // K-blocked squeeze (many input channels)
-    chunks = build_chunks(Lsq.gaps, rs_sq.data(), S, C, cch);
-    tile_sq = k.tile;
-    Lsq.nch = chunks.nch;
-    Lsq.cs = chunks.start.data();
-    Lsq.ccur = chunks.cur.data();
-  }
-  const int tile_ex = fit_tile(k, S, 2 * Wp + 2);
+  // K-blocking of the three layers so each one's slab stays in L1 (see chunk_channels).
+  const int64_t step_sq = tile_step(k, (B + 2) * P), step_ex = tile_step(k, B * P);
+  set_blocks(Lsq, C, 1, chunk_channels<T>(C, 1, step_sq, 0, sq.codes.numel(), S));
+  set_blocks(Le1, S, 1, chunk_channels<T>(S, 1, step_ex, 0, e1.codes.numel(), E1));
+  set_blocks(Le3, S, 9, chunk_channels<T>(S, 3, step_ex, 2 * P, e3.codes.numel(), E3));
+
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> sbuf(s_elems, T(0));
-    std::vector<T> pbuf(p_elems, T(0));
+    AlignedBuffer<T> sbuf(ls.elems), pbuf(lx.elems);
+    std::vector<T> part;
+    std::vector<Walk> walk;
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
@@ -113,28 +164,31 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       if (rows <= 0 || c0 >= c1) continue;
       const int64_t ra = std::max<int64_t>(r0 - 1, 0);
       const int64_t rb = std::min(r0 + rows + 1, H);
-      const T* xn = xp + n * xs[0];
-      // 1. squeeze rows [ra, rb) -> sbuf rows (ra - (r0 - 1)) .. with zero border.
-      std::fill(sbuf.begin(), sbuf.begin() + S * planeS, T(0));
-      const T* in;
-      if (direct) {
-        in = xn + ra * W;
-      } else {
-        pack_band(xn, xs[1], xs[2], xs[3], C, H, W, ra, 1, 1, 0, 0, B + 2, W, pbuf.data());
-        in = pbuf.data();
-      }
-      const Epilogue<T> esq{sbuf.data() + (ra - (r0 - 1)) * Wp + 1, planeS, Wp, 1, W, W, bsq, true};
-      spmm_rows(k, tile_sq, in, Lsq, 0, S, 0, (rb - ra) * W, esq);
-      // 2. expands from the padded squeeze buffer into the output's channel slices.
+      const int64_t la = ra - (r0 - 1), lb = rb - (r0 - 1);  // local squeeze rows written
+      // 1. zero the border rows the expands read but the squeeze does not write (the buffer is
+      //    reused across tasks), then squeeze rows [ra, rb) into local rows [la, lb).
+      for (int64_t kx = 0; kx < 3; ++kx)
+        for (int64_t ci = 0; ci < S; ++ci) {
+          T* pl = sbuf.data() + kx * ls.copy_stride + ci * ls.plane;
+          std::fill(pl, pl + la * P, T(0));
+          std::fill(pl + lb * P, pl + (rows + 2) * P, T(0));
+        }
+      pack_band(xp + n * xs[0], xs[1], xs[2], xs[3], C, H, W, ra, 1, 1, 1, 0, 0, W, lx,
+                pbuf.data());
+      const SqueezeSink<T> ssq{sbuf.data(), la, P, W, ls.plane, ls.copy_stride, bsq};
+      spmm_rows(k, pbuf.data(), Lsq, 0, S, (rb - ra) * P, ssq, part, walk);
+      // 2. expands from the squeeze buffer into the output's channel slices.
       T* yn = yp + n * os[0] + r0 * os[2];
-      const int64_t qn = rows * Wp;
+      const int64_t qn = rows * P;
       if (c0 < E1) {
-        const Epilogue<T> ee1{yn, os[1], os[2], os[3], Wp, W, be1, true};
-        spmm_rows(k, tile_ex, sbuf.data(), Le1, c0, std::min(c1, E1), 0, qn, ee1);
+        const Epilogue<T> ee1{yn, os[1], os[2], os[3], P, W, be1, true};
+        spmm_rows(k, sbuf.data(), Le1, c0, std::min(c1, E1), qn,
+                  OutSink<T>{ee1, k.wide}, part, walk);
       }
       if (c1 > E1) {
-        const Epilogue<T> ee3{yn + E1 * os[1], os[1], os[2], os[3], Wp, W, be3, true};
-        spmm_rows(k, tile_ex, sbuf.data(), Le3, std::max(c0, E1) - E1, c1 - E1, 0, qn, ee3);
+        const Epilogue<T> ee3{yn + E1 * os[1], os[1], os[2], os[3], P, W, be3, true};
+        spmm_rows(k, sbuf.data(), Le3, std::max(c0, E1) - E1, c1 - E1, qn,
+                  OutSink<T>{ee3, k.wide}, part, walk);
       }
     }
   });
