@@ -54,6 +54,9 @@ struct SqueezeSink {
     }
   }
 
+  bool row_blocks() const { return false; }
+  void store_rows(T*, int64_t, int64_t, int, int64_t, int64_t) const {}
+
   bool plan(int64_t q0, int len, TileDst<T>& td) const {
     if (len % 16 != 0 || P % 16 != 0) return false;
     td.nd = 3;

@@ -26,6 +26,7 @@
 
 #include "codebook.h"
 #include "cpu/isa.h"
+#include "cpu/fire_transpose.h"
 
 namespace sqz {
 namespace codebook {
@@ -536,6 +537,12 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
         if (sC == 1 && sW != 1) {
           // channels-last-like input: pixels outer, channels innermost in the source.
           const T* srow = x + r * sH;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same<T, float>::value) {  // 16x16 register transposes
+            transpose_2d(srow + c0 * sW, sw * sW, jb - ja, C, phase + i * l.pitch + ja, l.plane);
+            continue;
+          }
+#endif
           for (int64_t j = ja; j < jb; ++j) {
             const T* s = srow + (c0 + (j - ja) * sw) * sW;
             T* d = phase + i * l.pitch + j;
@@ -601,6 +608,39 @@ struct OutSink {
 
   void store(const T* acc, int64_t q0, int len, int64_t o) const { store_tile(acc, q0, len, o, e, wide); }
 
+  // Channels-last output (channel stride 1): tiles of all rows are collected and written 16
+  // channels x 16 pixels at a time through register transposes (AVX-512 float builds).
+  bool row_blocks() const {
+#if defined(__AVX512F__)
+    return std::is_same<T, float>::value && wide && e.sC == 1 && e.sW != 1 && e.in_w % 16 == 0;
+#else
+    return false;
+#endif
+  }
+
+  // Tiles of rows [o0, o1) at part[(o - o0) * ld], pixels [q0, q0 + len).
+  void store_rows(T* part, int64_t ld, int64_t q0, int len, int64_t o0, int64_t o1) const {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      for (int64_t o = o0; o < o1; ++o)
+        store_segment(part + (o - o0) * ld, part + (o - o0) * ld, len, e.bias ? e.bias[o] : T(0),
+                      e.relu, true);
+      for (int64_t og = o0; og < o1; og += 16) {
+        const int nr = static_cast<int>(std::min<int64_t>(16, o1 - og));
+        for (int v = 0; v < len / 16; ++v) {
+          const int64_t q = q0 + 16 * v, row = q / e.in_w, col = q - row * e.in_w;
+          const int valid = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, e.out_w - col)));
+          if (valid == 0) continue;
+          transpose_tile16(part + (og - o0) * ld + 16 * v, ld, nr, valid,
+                           e.out + og + row * e.sH + col * e.sW, e.sW);
+        }
+      }
+      return;
+    }
+#endif
+    (void)part, (void)ld, (void)q0, (void)len, (void)o0, (void)o1;
+  }
+
   bool plan(int64_t q0, int len, TileDst<T>& td) const {
     if (e.sW != 1 || len % 16 != 0 || e.in_w % 16 != 0) return false;
     td.nd = 1;
@@ -632,10 +672,11 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
   TileDst<T> td;
   if (n <= 0 || o0 >= o1) return;
   const int64_t step = tile_step(k, n);
+  const bool rowblocks = sink.row_blocks();
   for (int64_t q0 = 0; q0 < n; q0 += step) {
     const int len = static_cast<int>(std::min<int64_t>(step, n - q0));
-    const TileDst<T>* dst = k.direct && sink.plan(q0, len, td) ? &td : nullptr;
-    if (L.nblocks <= 1) {
+    const TileDst<T>* dst = !rowblocks && k.direct && sink.plan(q0, len, td) ? &td : nullptr;
+    if (L.nblocks <= 1 && !rowblocks) {
       for (int64_t o = o0; o < o1; ++o) {
         const int64_t rs = L.row_start[o];
         k.fn(in + q0, L.gaps + rs, L.codes + rs, L.row_start[o + 1] - rs, -1, kNoBound, L.table,
@@ -657,9 +698,10 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
         const Walk r = k.fn(in + q0, L.gaps + wk.n, L.codes + wk.n, L.row_start[o + 1] - wk.n,
                             wk.cur, bound, L.table, L.cb, len, p, c > 0, last ? dst : nullptr, o);
         wk = {wk.n + r.n, r.cur};
-        if (last && !dst) sink.store(p, q0, len, o);
+        if (last && !dst && !rowblocks) sink.store(p, q0, len, o);
       }
     }
+    if (rowblocks) sink.store_rows(part.data(), step, q0, len, o0, o1);
   }
 }
 
