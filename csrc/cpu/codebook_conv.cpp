@@ -42,7 +42,10 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
   const int64_t row_bytes = planes * C * pitch * static_cast<int64_t>(sizeof(T));
   const int64_t bmax = std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes) - extra_rows);
   int64_t nb = ceil_div(g.Ho, bmax);
-  if (g.N * nb < nthreads) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
+  // A map that fits one pixel tile is split by output channels, not bands: bands would only
+  // shorten the tiles (fewer vectors per stored weight).
+  const bool one_tile = g.Ho * pitch <= k.tile && g.O >= 16 * nthreads;
+  if (g.N * nb < nthreads && !one_tile) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
   const int64_t B = ceil_div(g.Ho, nb);
   nb = ceil_div(g.Ho, B);
   int64_t ob = 1;

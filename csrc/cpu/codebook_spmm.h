@@ -37,7 +37,7 @@ using sqz::Isa;
 // which never exceeds what this build compiled.
 inline Isa active_isa() { return sqz::active_isa(); }
 
-constexpr int kMaxTile = 128;
+constexpr int kMaxTile = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels: out[q] = sum over the stored weights j of one row of
@@ -186,9 +186,9 @@ inline Walk tile_avx512_n(const float* in, const uint8_t* gp, const uint8_t* cp,
   return {j, cur};
 }
 
-// Wide tiles (65..128 pixels): 5..8 accumulators are enough independent FMA chains, so one
+// Wide tiles (65..256 pixels): 5..16 accumulators are enough independent FMA chains, so one
 // entry per iteration; the per-entry scalar work (gap, code, offset, broadcast) is amortised over
-// up to 8 vectors.
+// up to 16 vectors (16 accumulators + the broadcast weight fit the 32 zmm registers).
 template <int NV, bool FULL>
 inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
                              int64_t cur0, int64_t bound, const int32_t* tab, const float* cb,
@@ -212,8 +212,7 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
     const float* p0 = in + tab[cur];
     const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
     for (int v = 0; v < NV; ++v) {
-      const __m512 x0 = (FULL || v < NV - 1) ? _mm512_loadu_ps(p0 + 16 * v)
-                                             : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
       a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
     }
   }
@@ -227,6 +226,14 @@ inline Walk tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, i
                         float* out, bool acc_in, const TileDst<float>* td, int64_t o) {
   if (len % 16 == 0) {  // whole vectors: the aligned-layout case
     switch (len / 16) {
+      case 16: return tile_avx512_wide<16, true>(SQZ_TILE_ARGS);
+      case 15: return tile_avx512_wide<15, true>(SQZ_TILE_ARGS);
+      case 14: return tile_avx512_wide<14, true>(SQZ_TILE_ARGS);
+      case 13: return tile_avx512_wide<13, true>(SQZ_TILE_ARGS);
+      case 12: return tile_avx512_wide<12, true>(SQZ_TILE_ARGS);
+      case 11: return tile_avx512_wide<11, true>(SQZ_TILE_ARGS);
+      case 10: return tile_avx512_wide<10, true>(SQZ_TILE_ARGS);
+      case 9: return tile_avx512_wide<9, true>(SQZ_TILE_ARGS);
       case 8: return tile_avx512_wide<8, true>(SQZ_TILE_ARGS);
       case 7: return tile_avx512_wide<7, true>(SQZ_TILE_ARGS);
       case 6: return tile_avx512_wide<6, true>(SQZ_TILE_ARGS);
@@ -238,6 +245,7 @@ inline Walk tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, i
       default: break;
     }
   }
+  if (len > 128) return tile_avx512_wide<16, false>(SQZ_TILE_ARGS);  // not made by the layouts
   if (len > 112) return tile_avx512_wide<8, false>(SQZ_TILE_ARGS);
   if (len > 96) return tile_avx512_wide<7, false>(SQZ_TILE_ARGS);
   if (len > 80) return tile_avx512_wide<6, false>(SQZ_TILE_ARGS);
@@ -348,7 +356,7 @@ inline Kernel<T> select_kernel(Isa) {
 template <>
 inline Kernel<float> select_kernel<float>(Isa isa) {
 #if defined(__AVX512F__)
-  if (isa == Isa::Avx512) return {&tile_avx512, 128, true, true};
+  if (isa == Isa::Avx512) return {&tile_avx512, 256, true, true};
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (isa == Isa::Avx2 || isa == Isa::Avx512) return {&tile_avx2, 32, false, false};
