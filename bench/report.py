@@ -55,7 +55,8 @@ def network_rows(rounds):
         "eager channels_last": lambda: eager_cl(xcl),
         "FusedFire NCHW": lambda: fused(x),
         "FusedFire channels_last": lambda: fused_cl(xcl),
-        "compressed 33 %/6-bit, codebook kernels": lambda: comp(x),
+        "compressed 33 %/6-bit, codebook kernels, NCHW": lambda: comp(x),
+        "compressed 33 %/6-bit, codebook kernels, channels_last": lambda: comp(xcl),
     }
     with threads(2), torch.no_grad():
         compiled = torch.compile(copy.deepcopy(eager))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the .so, which registers the ops)
 from . import ops as _ops  # the memory-format rule shared with fused_fire (used at call time)
+from .compression.resident import entry_cursors  # the one stream decoder
 
 __all__ = [
     "codebook_conv2d",
@@ -95,17 +96,8 @@ def codebook_fused_fire(x: Tensor,
 def codebook_positions(gaps: Tensor, row_counts: Tensor, K: int) -> Tuple[Tensor, Tensor]:
     """(flat, valid): flat[e] = row*K + cursor of entry e in a [O*K] weight, or O*K for a filler;
     valid[e] is False for fillers. Assumes a validated stream."""
-    g = gaps.to(torch.int64)
-    counts = row_counts.to(torch.int64)
-    O = counts.shape[0]
-    valid = g != 255
-    inc = torch.where(valid, g + 1, torch.full_like(g, 255))
-    cs = torch.cumsum(inc, 0)
-    ends = torch.cumsum(counts, 0)
-    row = torch.searchsorted(ends, torch.arange(g.shape[0], device=g.device), right=True)
-    cs0 = torch.cat([cs.new_zeros(1), cs])
-    base = cs0[ends - counts]
-    cursor = cs - base[row.clamp(max=max(O - 1, 0))] - 1
+    valid, row, cursor = entry_cursors(gaps, row_counts)
+    O = row_counts.shape[0]
     flat = torch.where(valid, row * K + cursor, torch.full_like(cursor, O * K))
     return flat, valid
 

@@ -21,9 +21,11 @@ constexpr int64_t kBandBytes = 384 * 1024;  // packed input band budget per task
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
+namespace {
+
 template <typename T>
-void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
-                  const T* bias, bool relu, T* out, const int64_t* os, const char* op) {
+void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
+                    const T* bias, bool relu, T* out, const int64_t* os, const char* op) {
   const Kernel<T> k = select_kernel<T>(active_isa());
   const int64_t C = g.C;
   const int64_t extra_rows = (g.kh - 1) / g.sh;  // plane rows = band rows + extra_rows
@@ -102,12 +104,26 @@ void conv_forward(const T* x, const int64_t* xs, const ConvGeom& g, const Stream
   });
 }
 
-template void conv_forward<float>(const float*, const int64_t*, const ConvGeom&, const Stream&,
-                                  const float*, const float*, bool, float*, const int64_t*,
-                                  const char*);
-template void conv_forward<double>(const double*, const int64_t*, const ConvGeom&, const Stream&,
-                                   const double*, const double*, bool, double*, const int64_t*,
-                                   const char*);
+}  // namespace
+
+void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, const Stream& s,
+                  bool relu, at::Tensor& out, const int64_t* os, const char* op) {
+  if (g.N == 0) {  // nothing to compute, but the stream is still validated
+    (void)validate_stream(op, "", s, g.C * g.kh * g.kw);
+    return;
+  }
+  const at::Tensor cb = s.codebook.contiguous();
+  const at::Tensor b = s.bias.has_value() ? s.bias->contiguous() : at::Tensor();
+  if (x.scalar_type() == at::kFloat) {
+    conv_forward_t<float>(x.data_ptr<float>(), xs, g, s, cb.data_ptr<float>(),
+                          b.defined() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(),
+                          os, op);
+  } else {
+    conv_forward_t<double>(x.data_ptr<double>(), xs, g, s, cb.data_ptr<double>(),
+                           b.defined() ? b.data_ptr<double>() : nullptr, relu,
+                           out.data_ptr<double>(), os, op);
+  }
+}
 
 namespace {
 
@@ -146,24 +162,9 @@ at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
   g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
   at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo},
                              x.options().memory_format(sqz::output_memory_format(x)));
-  const at::Tensor cbc = codebook.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t ost[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  if (g.N == 0) {
-    // Still validate the stream.
-    (void)validate_stream(op, "", s, g.C * g.kh * g.kw);
-    return out;
-  }
-  if (x.scalar_type() == at::kFloat) {
-    conv_forward<float>(x.data_ptr<float>(), xs, g, s, cbc.data_ptr<float>(),
-                        bc.defined() ? bc.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(),
-                        ost, op);
-  } else {
-    conv_forward<double>(x.data_ptr<double>(), xs, g, s, cbc.data_ptr<double>(),
-                         bc.defined() ? bc.data_ptr<double>() : nullptr, relu,
-                         out.data_ptr<double>(), ost, op);
-  }
+  conv_forward(x, xs, g, s, relu, out, ost, op);
   return out;
 }
 

@@ -44,17 +44,7 @@ at::Tensor codebook_linear_cpu(const at::Tensor& x, const at::Tensor& codebook,
   g.Wo = M;
   const int64_t xs[4] = {0, x2.stride(1), 0, x2.stride(0)};
   const int64_t ys[4] = {0, 1, 0, O};
-  const at::Tensor cbc = codebook.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (x.scalar_type() == at::kFloat) {
-    conv_forward<float>(x2.data_ptr<float>(), xs, g, s, cbc.data_ptr<float>(),
-                        bc.defined() ? bc.data_ptr<float>() : nullptr, relu, y.data_ptr<float>(),
-                        ys, op);
-  } else {
-    conv_forward<double>(x2.data_ptr<double>(), xs, g, s, cbc.data_ptr<double>(),
-                         bc.defined() ? bc.data_ptr<double>() : nullptr, relu,
-                         y.data_ptr<double>(), ys, op);
-  }
+  conv_forward(x2, xs, g, s, relu, y, ys, op);
   return y.reshape(out_shape);
 }
 

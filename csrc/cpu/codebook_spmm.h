@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -729,12 +730,11 @@ struct ConvGeom {
   int64_t Ho, Wo;
 };
 
-// The conv driver, for one dtype. x and out are described by element strides (any layout).
-// Defined in codebook_conv.cpp for float and double.
-template <typename T>
-void conv_forward(const T* x, const int64_t* xs /*N,C,H,W strides*/, const ConvGeom& g,
-                  const Stream& s, const T* cb, const T* bias, bool relu, T* out,
-                  const int64_t* os /*N,O,Ho,Wo strides*/, const char* op);
+// The conv driver: x [N, C, H, W] and out [N, O, Ho, Wo] given by element strides xs / os (any
+// layout; the tensors only supply data pointers and dtype, float32 or float64). Validates the
+// stream. Defined in codebook_conv.cpp; codebook_linear runs a linear as a 1 x M "image".
+void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, const Stream& s,
+                  bool relu, at::Tensor& out, const int64_t* os, const char* op);
 
 }  // namespace codebook
 }  // namespace sqz

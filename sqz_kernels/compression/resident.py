@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["FILLER", "encode_rows", "encode_positions", "decode_positions", "decode_dense",
+__all__ = ["FILLER", "encode_rows", "encode_positions", "entry_cursors", "decode_positions", "decode_dense",
            "validate", "resident_nbytes"]
 
 FILLER = 255  # a gap byte of 255 advances the cursor by 255 and carries no weight
@@ -107,23 +107,33 @@ def _check_basic(codes: Tensor, gaps: Tensor, row_counts: Tensor, num_rows: int)
         raise ValueError(f"row_counts sum to {total} but the streams hold {gaps.numel()} entries")
 
 
-def decode_positions(gaps: Tensor, row_counts: Tensor, k: int, filler: int = FILLER) -> Tuple[Tensor, Tensor]:
-    """(real, cursor): for every entry, whether it carries a weight (not a filler) and its column.
-    Raises ValueError when a cursor runs to K or past it. Assumes _check_basic passed. `filler`
-    is the gap value of a filler entry (255 resident; 2**index_bits - 1 in the file)."""
-    e = gaps.numel()
-    if e == 0:
-        return (torch.zeros(0, dtype=torch.bool, device=gaps.device),
-                torch.zeros(0, dtype=torch.int64, device=gaps.device))
+def entry_cursors(gaps: Tensor, row_counts: Tensor, filler: int = FILLER) -> Tuple[Tensor, Tensor, Tensor]:
+    """(real, row, cursor) of every entry of a stream, with shape-static ops only (so the autograd
+    of the codebook ops traces under torch.compile): real = not a filler, row = the row the entry
+    belongs to, cursor = its column (for a filler: where the walk stands after it). No validation.
+    `filler` is the gap value of a filler entry (255 resident; 2**index_bits - 1 in the file).
+    The one stream decoder of the package: the loader, decode_dense and the kernels' backward
+    (codebook_ops.codebook_positions) all use it."""
     g = gaps.to(torch.int64)
+    counts = row_counts.to(torch.int64)
+    rows = counts.shape[0]
     real = g != filler
     step = torch.where(real, g + 1, torch.full_like(g, filler))
     cs = torch.cumsum(step, 0)
-    counts = row_counts.to(torch.int64)
-    starts = torch.cumsum(counts, 0) - counts            # first entry of each row
-    # cumulative sum just before each row's first entry, broadcast to the row's entries
-    before = torch.where(starts > 0, cs[(starts - 1).clamp(min=0)], torch.zeros_like(starts))
-    cursor = cs - torch.repeat_interleave(before, counts, output_size=e) - 1
+    ends = torch.cumsum(counts, 0)
+    row = torch.searchsorted(ends, torch.arange(g.shape[0], device=g.device), right=True)
+    before = torch.cat([cs.new_zeros(1), cs])[ends - counts]  # walk total before each row
+    cursor = cs - before[row.clamp(max=max(rows - 1, 0))] - 1
+    return real, row, cursor
+
+
+def decode_positions(gaps: Tensor, row_counts: Tensor, k: int, filler: int = FILLER) -> Tuple[Tensor, Tensor]:
+    """(real, cursor): for every entry, whether it carries a weight (not a filler) and its column.
+    Raises ValueError when a cursor runs to K or past it. Assumes _check_basic passed."""
+    if gaps.numel() == 0:
+        return (torch.zeros(0, dtype=torch.bool, device=gaps.device),
+                torch.zeros(0, dtype=torch.int64, device=gaps.device))
+    real, _, cursor = entry_cursors(gaps, row_counts, filler)
     if int(cursor.max()) >= k:
         bad = int((cursor >= k).nonzero()[0, 0])
         raise ValueError(f"gaps run past the row: entry {bad} reaches column {int(cursor[bad])} "
