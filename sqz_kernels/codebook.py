@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import codebook_ops
+from . import codebook_ops, ops
 from .codebook_ops import _pair
 from .compression import resident
 from .compression.kmeans import kmeans_1d
@@ -114,9 +114,17 @@ class _CodebookLayer(nn.Module):
         return self
 
     def _kernel_state(self, x: Tensor):
-        """(codebook, codes, gaps, row_counts, bias) in x's dtype, as the kernels take them."""
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return self.codebook.to(x.dtype), self.codes, self.gaps, self.row_counts, b
+        """(codebook, codes, gaps, row_counts, bias) in x's dtype, as the kernels take them.
+        (Per-call Python cost matters at batch 1: attributes are read once, no no-op .to().)"""
+        d = self.__dict__
+        params, buffers = d["_parameters"], d["_buffers"]
+        cb, b = params["codebook"], params.get("bias")
+        dt = x.dtype
+        if cb.dtype != dt:
+            cb = cb.to(dt)
+        if b is not None and b.dtype != dt:
+            b = b.to(dt)
+        return cb, buffers["codes"], buffers["gaps"], buffers["row_counts"], b
 
 
 def _kernels_cover(x: Tensor) -> bool:
@@ -134,6 +142,7 @@ class CodebookConv2d(_CodebookLayer):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.weight_shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self._geometry = (list(self.kernel_size), list(self.stride), list(self.padding))
         self._init_state(self.out_channels, bits, bias)
 
     @classmethod
@@ -157,8 +166,11 @@ class CodebookConv2d(_CodebookLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
-        return codebook_ops.codebook_conv2d(x, *self._kernel_state(x), self.kernel_size, self.stride,
-                                            self.padding)
+        # the op directly (geometry validated once in __init__, not per call by the wrapper)
+        state = self._kernel_state(x)
+        return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d,
+                           (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], False),
+                           (x, state[0], state[4]))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -65,15 +65,18 @@ def codebook_conv2d(
         raise ValueError(f"codebook_conv2d: only dilation=1 is supported, got {dilation!r}")
     if groups != 1:
         raise ValueError(f"codebook_conv2d: only groups=1 is supported, got {groups!r}")
-    return torch.ops.sqz_kernels.codebook_conv2d(
-        x, codebook, codes, gaps, row_counts, bias, list(_pair(kernel_size, "kernel_size")),
-        list(_pair(stride, "stride")), list(_pair(padding, "padding")), bool(relu))
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d,
+                        (x, codebook, codes, gaps, row_counts, bias,
+                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
+                         list(_pair(padding, "padding")), bool(relu)),
+                        (x, codebook, bias))
 
 
 def codebook_linear(x: Tensor, codebook: Tensor, codes: Tensor, gaps: Tensor, row_counts: Tensor,
                     bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """act(x @ W.T + bias) for x [..., K] with W [O, K] in the resident codebook form."""
-    return torch.ops.sqz_kernels.codebook_linear(x, codebook, codes, gaps, row_counts, bias, bool(relu))
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_linear,
+                        (x, codebook, codes, gaps, row_counts, bias, bool(relu)), (x, codebook, bias))
 
 
 def codebook_fused_fire(x: Tensor,
@@ -85,9 +88,10 @@ def codebook_fused_fire(x: Tensor,
                         e3_bias: Optional[Tensor]) -> Tensor:
     """The Fire module (squeeze 1x1+ReLU -> expand1x1+ReLU || expand3x3 pad 1+ReLU -> concat) on
     three codebook-compressed weights, computed by one fused kernel. Output in x's memory format."""
-    return torch.ops.sqz_kernels.codebook_fused_fire(
-        x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codebook, e1_codes, e1_gaps,
-        e1_counts, e1_bias, e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias)
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_fused_fire,
+                        (x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codebook, e1_codes,
+                         e1_gaps, e1_counts, e1_bias, e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias),
+                        (x, sq_codebook, sq_bias, e1_codebook, e1_bias, e3_codebook, e3_bias))
 
 
 # ------------------------------------------------------------------------------------------------

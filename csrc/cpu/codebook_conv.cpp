@@ -30,12 +30,12 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const int64_t C = g.C;
   const int64_t extra_rows = (g.kh - 1) / g.sh;  // plane rows = band rows + extra_rows
   const int64_t planes = g.kw * g.sh;             // copies x phases of the aligned layout
-  // A 1x1 stride-1 conv on rows that are contiguous in x and in out (NCHW) has no halo and no
-  // padding: a band of rows is one flat run of pixels per channel, packed with one copy per
-  // channel instead of one per row, and no pitch padding per row.
+  // A 1x1 stride-1 unpadded conv whose pixels are evenly strided in x and in out (NCHW or
+  // channels_last, rows not padded) has no halo: a band of rows is one flat run of pixels per
+  // channel, with no pitch padding per row (13x13: 11 vectors instead of 13).
   const bool flat = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
-                    xs[3] == 1 && (g.H == 1 || xs[2] == g.W) && os[3] == 1 &&
-                    (g.Ho == 1 || os[2] == g.Wo);
+                    (g.H == 1 || xs[2] == g.W * xs[3]) && (g.Ho == 1 || os[2] == g.Wo * os[3]) &&
+                    (xs[3] == 1 || xs[1] == 1);
   int64_t pitch = round_up(g.Wo, kVec);
   const int64_t nthreads = at::get_num_threads();
 
@@ -90,9 +90,10 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
       T* on = out + n * os[0] + r0 * os[2];
       if (flat) {
         const int64_t npix = rows * g.W;
-        for (int64_t ci = 0; ci < C; ++ci)
-          copy_row(buf.data() + ci * lay.plane, x + n * xs[0] + ci * xs[1] + r0 * g.W, npix);
-        const Epilogue<T> ep{on, os[1], 0, 1, pitch, npix, bias, relu};
+        // the band as a 1 x npix image (pixel stride xs[3]), packed by the usual routine
+        pack_band(x + n * xs[0] + r0 * xs[2], xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix,
+                  lay, buf.data());
+        const Epilogue<T> ep{on, os[1], 0, os[3], pitch, npix, bias, relu};
         spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), OutSink<T>{ep, k.wide}, part, walk);
         continue;
       }
