@@ -436,3 +436,22 @@ def test_matches_compression_package_encoder():
     y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 3, 2, 1, False)
     _close(y, F.conv2d(x.double(), w, stride=2, padding=1))
     torch.testing.assert_close(co.codebook_decode(cb.double(), codes, gaps, counts, C * 9), w.reshape(O, -1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_fire_fewer_images_than_threads(channels_last, cpu_isa):
+    """Fewer images than threads: images are split into bands (and output-channel blocks), with
+    uneven splits (3, 4 threads)."""
+    layers = _fire_layers(37, 10, 21, 19, 0.33)
+    n = torch.get_num_threads()
+    try:
+        for t in (2, 3, 4):
+            torch.set_num_threads(t)
+            for batch in range(1, t):
+                x = torch.randn(batch, 37, 13, 11)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+                _close(y, _fire_ref(x, layers))
+    finally:
+        torch.set_num_threads(n)
