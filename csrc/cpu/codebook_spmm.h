@@ -102,6 +102,34 @@ inline Walk tile_scalar(const T* in, const uint8_t* gp, const uint8_t* cp, int64
   return {j, cur};
 }
 
+// The stream walk shared by the two-accumulator-set kernels: entries two at a time (pair(j, c0,
+// c1): entries j and j + 1 at cursors c0, c1), one at a time (one(j, c)) around fillers, at the end
+// of the row and at the block bound. Returns where it stopped (see Walk / kNoBound).
+template <typename One, typename Pair>
+__attribute__((always_inline)) inline Walk walk_pairs(const uint8_t* gp, int64_t cnt, int64_t cur0,
+                                                      int64_t bound, One one, Pair pair) {
+  int64_t cur = cur0;
+  int64_t j = 0;
+  while (j < cnt) {
+    const uint32_t g0 = gp[j];
+    const uint32_t g1 = j + 1 < cnt ? gp[j + 1] : kFillerGap;
+    const int64_t c0 = cur + g0 + 1;
+    const int64_t c1 = c0 + g1 + 1;
+    if (SQZ_UNLIKELY(g0 == kFillerGap || g1 == kFillerGap || c1 >= bound)) {
+      const int64_t nc = advance(cur, static_cast<uint8_t>(g0));
+      if (nc >= bound) break;
+      cur = nc;
+      if (g0 != kFillerGap) one(j, cur);
+      j += 1;
+      continue;
+    }
+    cur = c1;
+    pair(j, c0, c1);
+    j += 2;
+  }
+  return {j, cur};
+}
+
 #if defined(__AVX512F__)
 // Final tile -> its destinations (see TileDst). max(0, NaN) keeps the NaN, like torch.relu.
 template <int NV>
@@ -150,41 +178,27 @@ inline Walk tile_avx512_n(const float* in, const uint8_t* gp, const uint8_t* cp,
     b[v] = _mm512_setzero_ps();
   }
 #define SQZ_LD512(p, v) (FULL ? _mm512_loadu_ps((p) + 16 * (v)) : _mm512_maskz_loadu_ps(m[v], (p) + 16 * (v)))
-  int64_t cur = cur0;
-  int64_t j = 0;
-  while (j < cnt) {
-    const uint32_t g0 = gp[j];
-    const uint32_t g1 = j + 1 < cnt ? gp[j + 1] : kFillerGap;
-    const int64_t c0 = cur + g0 + 1;
-    const int64_t c1 = c0 + g1 + 1;
-    if (SQZ_UNLIKELY(g0 == kFillerGap || g1 == kFillerGap || c1 >= bound)) {
-      // one entry at a time around fillers, at the end of the row and at the block bound
-      const int64_t nc = advance(cur, static_cast<uint8_t>(g0));
-      if (nc >= bound) break;
-      cur = nc;
-      if (g0 != kFillerGap) {
-        const float* p0 = in + tab[cur];
+  const Walk w = walk_pairs(
+      gp, cnt, cur0, bound,
+      [&](int64_t j, int64_t c) {
+        const float* p0 = in + tab[c];
         const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
         for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
-      }
-      j += 1;
-      continue;
-    }
-    cur = c1;
-    const float* p0 = in + tab[c0];
-    const float* p1 = in + tab[c1];
-    const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
-    const __m512 w1 = _mm512_set1_ps(cb[cp[j + 1]]);
-    for (int v = 0; v < NV; ++v) {
-      a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
-      b[v] = _mm512_fmadd_ps(w1, SQZ_LD512(p1, v), b[v]);
-    }
-    j += 2;
-  }
+      },
+      [&](int64_t j, int64_t c0, int64_t c1) {
+        const float* p0 = in + tab[c0];
+        const float* p1 = in + tab[c1];
+        const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
+        const __m512 w1 = _mm512_set1_ps(cb[cp[j + 1]]);
+        for (int v = 0; v < NV; ++v) {
+          a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
+          b[v] = _mm512_fmadd_ps(w1, SQZ_LD512(p1, v), b[v]);
+        }
+      });
 #undef SQZ_LD512
   for (int v = 0; v < NV; ++v) a[v] = _mm512_add_ps(a[v], b[v]);
   finish_avx512<NV, FULL>(a, m, out, td, o);
-  return {j, cur};
+  return w;
 }
 
 // Wide tiles (65..256 pixels): 5..16 accumulators are enough independent FMA chains, so one
@@ -272,41 +286,28 @@ inline Walk tile_avx2_n(const float* in, const uint8_t* gp, const uint8_t* cp, i
     b[v] = _mm256_setzero_ps();
   }
 #define SQZ_LD256(p, v) (FULL ? _mm256_loadu_ps((p) + 8 * (v)) : _mm256_maskload_ps((p) + 8 * (v), m[v]))
-  int64_t cur = cur0;
-  int64_t j = 0;
-  while (j < cnt) {
-    const uint32_t g0 = gp[j];
-    const uint32_t g1 = j + 1 < cnt ? gp[j + 1] : kFillerGap;
-    const int64_t c0 = cur + g0 + 1;
-    const int64_t c1 = c0 + g1 + 1;
-    if (SQZ_UNLIKELY(g0 == kFillerGap || g1 == kFillerGap || c1 >= bound)) {
-      const int64_t nc = advance(cur, static_cast<uint8_t>(g0));
-      if (nc >= bound) break;
-      cur = nc;
-      if (g0 != kFillerGap) {
-        const float* p0 = in + tab[cur];
+  const Walk w = walk_pairs(
+      gp, cnt, cur0, bound,
+      [&](int64_t j, int64_t c) {
+        const float* p0 = in + tab[c];
         const __m256 w0 = _mm256_broadcast_ss(cb + cp[j]);
         for (int v = 0; v < NV; ++v) a[v] = _mm256_fmadd_ps(w0, SQZ_LD256(p0, v), a[v]);
-      }
-      j += 1;
-      continue;
-    }
-    cur = c1;
-    const float* p0 = in + tab[c0];
-    const float* p1 = in + tab[c1];
-    const __m256 w0 = _mm256_broadcast_ss(cb + cp[j]);
-    const __m256 w1 = _mm256_broadcast_ss(cb + cp[j + 1]);
-    for (int v = 0; v < NV; ++v) {
-      a[v] = _mm256_fmadd_ps(w0, SQZ_LD256(p0, v), a[v]);
-      b[v] = _mm256_fmadd_ps(w1, SQZ_LD256(p1, v), b[v]);
-    }
-    j += 2;
-  }
+      },
+      [&](int64_t j, int64_t c0, int64_t c1) {
+        const float* p0 = in + tab[c0];
+        const float* p1 = in + tab[c1];
+        const __m256 w0 = _mm256_broadcast_ss(cb + cp[j]);
+        const __m256 w1 = _mm256_broadcast_ss(cb + cp[j + 1]);
+        for (int v = 0; v < NV; ++v) {
+          a[v] = _mm256_fmadd_ps(w0, SQZ_LD256(p0, v), a[v]);
+          b[v] = _mm256_fmadd_ps(w1, SQZ_LD256(p1, v), b[v]);
+        }
+      });
 #undef SQZ_LD256
   for (int v = 0; v < NV; ++v) _mm256_maskstore_ps(out + 8 * v, m[v], _mm256_add_ps(a[v], b[v]));
   (void)td;  // never given to this kernel (Kernel::direct is false)
   (void)o;
-  return {j, cur};
+  return w;
 }
 
 inline Walk tile_avx2(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
