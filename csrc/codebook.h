@@ -41,25 +41,6 @@ SQZ_HD inline int64_t advance(int64_t cursor, uint8_t gap) {
   return gap == kFillerGap ? cursor + kFillerGap : cursor + static_cast<int64_t>(gap) + 1;
 }
 
-// Position within a row -> (ci, ky, kx) for a kh x kw kernel.
-SQZ_HD inline void split_position(int64_t pos, int64_t kh, int64_t kw, int64_t& ci, int64_t& ky,
-                                  int64_t& kx) {
-  const int64_t taps = kh * kw;
-  ci = pos / taps;
-  const int64_t rem = pos - ci * taps;
-  ky = rem / kw;
-  kx = rem - ky * kw;
-}
-
-// Address offset of input element (ci, ky, kx) in a zero-padded, stride-phase-split input buffer:
-// phase (ky % sh, kx % sw) planes of [C][plane_rows][plane_w]; the output pixel (oy, ox) of a
-// stride (sh, sw) conv then reads offset + oy * plane_w + ox, for every tap alike.
-SQZ_HD inline int64_t tap_offset(int64_t ci, int64_t ky, int64_t kx, int64_t sh, int64_t sw,
-                                 int64_t channels, int64_t plane, int64_t plane_w) {
-  const int64_t phase = (ky % sh) * sw + (kx % sw);
-  return phase * channels * plane + ci * plane + (ky / sh) * plane_w + (kx / sw);
-}
-
 // One compressed layer as the kernels see it (arguments of an op).
 struct Stream {
   const at::Tensor& codebook;

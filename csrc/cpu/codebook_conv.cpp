@@ -19,9 +19,6 @@ namespace {
 constexpr int64_t kBandBytes = 384 * 1024;  // packed input band budget per task (L2 is 2 MB)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-}  // namespace
-
-namespace {
 
 template <typename T>
 void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
@@ -36,17 +33,17 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const bool flat = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
                     (g.H == 1 || xs[2] == g.W * xs[3]) && (g.Ho == 1 || os[2] == g.Wo * os[3]) &&
                     (xs[3] == 1 || xs[1] == 1);
-  int64_t pitch = round_up(g.Wo, kVec);
+  const int64_t row_pitch = round_up(g.Wo, kVec);  // of one output row (band sizing)
   const int64_t nthreads = at::get_num_threads();
 
   // Bands of output rows: the packed band fits the budget; enough (image, band) tasks for the
   // threads; split output channels only when there are still too few.
-  const int64_t row_bytes = planes * C * pitch * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = planes * C * row_pitch * static_cast<int64_t>(sizeof(T));
   const int64_t bmax = std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes) - extra_rows);
   int64_t nb = ceil_div(g.Ho, bmax);
   // A map that fits one pixel tile is split by output channels, not bands: bands would only
   // shorten the tiles (fewer vectors per stored weight).
-  const bool one_tile = g.Ho * pitch <= k.tile && g.O >= 16 * nthreads;
+  const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads;
   if (g.N * nb < nthreads && !one_tile) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
   const int64_t B = ceil_div(g.Ho, nb);
   nb = ceil_div(g.Ho, B);
@@ -55,8 +52,9 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const int64_t OB = ceil_div(g.O, ob);
   ob = ceil_div(g.O, OB);
 
-  if (flat) pitch = round_up(B * g.Wo, kVec);
+  // flat: one plane row per channel holding the band's B * Wo pixels
   const Layout lay = flat ? make_layout(C, 1, 1, 1, 1, B * g.Wo) : make_layout(C, g.kh, g.kw, g.sh, B, g.Wo);
+  const int64_t pitch = lay.pitch;
   TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
               ": input too large for 32-bit address offsets");
 

@@ -1,11 +1,11 @@
 // CPU building blocks of the sparse-codebook kernels (XNNPACK-style CHW SpMM), shared by
 // codebook_conv.cpp, codebook_linear.cpp and codebook_fire.cpp.
 //
-// Data layout: the input of a layer is a CHW buffer (zero-padded and, for stride s > 1, split into
-// s*s phase planes, see codebook::tap_offset), so every (ci, ky, kx) of a weight is one address
-// offset and output pixel q (flattened over rows of the plane width) reads in[offset + q].
-// A micro-kernel computes a tile of up to 64 consecutive q for one output channel: per stored
-// weight it broadcasts codebook[code] and multiply-adds a vector of pixels.
+// Data layout: a band of a layer's input is packed into an aligned CHW buffer (zero-padded, one
+// copy per kernel column, one phase per row stride, see Layout), so every (ci, ky, kx) of a weight
+// is one address offset and output pixel q (flattened over rows of the pitch) reads in[offset + q].
+// A micro-kernel computes a tile of up to kMaxTile consecutive q for one output channel: per
+// stored weight it broadcasts codebook[code] and multiply-adds the tile's vectors.
 #pragma once
 
 #include <ATen/Parallel.h>
