@@ -1,4 +1,5 @@
 """Sparse-codebook kernels (issue 5) against the float64 reference (decoded weight + ATen conv)."""
+import itertools
 import math
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -440,15 +442,16 @@ def test_matches_compression_package_encoder():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_fire_fewer_images_than_threads(channels_last, cpu_isa):
-    """Fewer images than threads: images are split into bands (and output-channel blocks), with
-    uneven splits (3, 4 threads)."""
+    """Fewer images than threads: images are split into bands, and maps with fewer rows than
+    threads also into output-channel blocks of equal entry counts that cut through expand1x1,
+    expand3x3 or their boundary (uneven splits: 3, 4 threads)."""
     layers = _fire_layers(37, 10, 21, 19, 0.33)
     n = torch.get_num_threads()
     try:
-        for t in (2, 3, 4):
+        for t, H in itertools.product((2, 3, 4), (13, 2, 1)):
             torch.set_num_threads(t)
             for batch in range(1, t):
-                x = torch.randn(batch, 37, 13, 11)
+                x = torch.randn(batch, 37, H, 11)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))

@@ -107,8 +107,6 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t Eout = E1 + E3;
   int64_t ob = 1;
   if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
-  const int64_t OB = ceil_div(Eout, ob);
-  ob = ceil_div(Eout, OB);
 
   // Packed input band: rows [r0 - 1, r0 + B + 1) of x (1 copy); squeeze buffer: B + 2 rows with
   // the zero border, three column copies for the 3x3 taps.
@@ -121,6 +119,19 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const RowStarts rs_sq = validate_stream(op, "sq_", sq, C);
   const RowStarts rs_e1 = validate_stream(op, "e1_", e1, S);
   const RowStarts rs_e3 = validate_stream(op, "e3_", e3, 9 * S);
+  // Output channel blocks [cblk[i], cblk[i+1]) of the concatenated expands with equal numbers of stored
+  // entries (an entry costs one tile of multiply-adds in either expand, and an e3 row holds ~9x
+  // the entries of an e1 row, so equal channel counts would leave one thread most of the work).
+  std::vector<int64_t> cblk(ob + 1, Eout);
+  {
+    const int64_t n1 = rs_e1[E1], total = n1 + rs_e3[E3];
+    int64_t o = 0;
+    for (int64_t i = 0; i < ob; ++i) {
+      const int64_t target = total * i / ob;
+      while (o < Eout && (o < E1 ? rs_e1[o] : n1 + rs_e3[o - E1]) < target) ++o;
+      cblk[i] = o;
+    }
+  }
   // Per-call tables: weight position -> address offset in the packed input / squeeze buffer.
   std::vector<int32_t> t_sq(C), t_e1(S), t_e3(9 * S);
   for (int64_t ci = 0; ci < C; ++ci) t_sq[ci] = static_cast<int32_t>(lx.offset(ci, 0, 0));
@@ -168,7 +179,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       const int64_t blk = t % ob;
       const int64_t r0 = band * B;
       const int64_t rows = std::min(B, H - r0);
-      const int64_t c0 = blk * OB, c1 = std::min(Eout, c0 + OB);
+      const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
       if (rows <= 0 || c0 >= c1) continue;
       const int64_t ra = std::max<int64_t>(r0 - 1, 0);
       const int64_t rb = std::min(r0 + rows + 1, H);
