@@ -16,6 +16,11 @@ TORCH_LIBRARY(sqz_kernels, m) {
   m.def(
       "fused_fire(Tensor x, Tensor w_sq, Tensor? b_sq, Tensor w_e1, Tensor? b_e1, "
       "Tensor w_e3, Tensor? b_e3) -> Tensor");
+  // Max pooling with dilation 1 (SqueezeNet's 3x3 / stride 2 / ceil_mode pools): torch's padding
+  // and ceil_mode rules, -inf padding, NaN propagates; the output has x's memory format.
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) "
+      "-> Tensor");
   // Which CPU instruction set the kernels of this build run ("avx512", "avx2" or "scalar").
   m.def("cpu_isa() -> str", &sqz::cpu_isa);
   // Restrict the CPU kernels to a narrower instruction set (for tests and comparisons).

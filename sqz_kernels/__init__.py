@@ -1,6 +1,7 @@
 """sqz_kernels: fused Fire-module and Deep Compression kernels for PyTorch."""
 from . import ops
 from .fire import EagerFire, FusedFire, fuse_fire_, is_fire_like
+from .pool import MaxPool2d, fast_pool_
 from . import models
 from . import compression
 from .compression import CompressionReport, compress, load, save
@@ -8,5 +9,6 @@ from .codebook import CodebookConv2d, CodebookFire, CodebookLinear
 
 __version__ = "0.1.0"
 __all__ = ["ops", "models", "compression", "FusedFire", "EagerFire", "fuse_fire_", "is_fire_like",
+           "MaxPool2d", "fast_pool_",
            "compress", "save", "load", "CompressionReport", "CodebookConv2d", "CodebookLinear",
            "CodebookFire"]

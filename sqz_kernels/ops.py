@@ -3,7 +3,7 @@
 The C++ side defines every schema once (csrc/registration.cpp); this file adds what torch needs to
 trace (register_fake) and differentiate (register_autograd) the ops. Minimum torch: 2.4.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the .so, which registers the ops)
 
-__all__ = ["fused_fire", "fire_reference", "cpu_isa", "set_cpu_isa"]
+__all__ = ["fused_fire", "fire_reference", "max_pool2d", "cpu_isa", "set_cpu_isa"]
 
 
 # torch.library.register_autograd puts a Python kernel on the Autograd key of each op; it runs on
@@ -109,6 +109,60 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sqz_kernels::fused_fire", _backward, setup_context=_setup_context)
+
+
+def _int_pair(v, name: str) -> Tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) == 1:
+        t = (t[0], t[0])
+    if len(t) != 2 or not all(isinstance(a, int) for a in t):
+        raise ValueError(f"max_pool2d: {name} must be an int or a pair of ints, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]],
+               stride: Optional[Union[int, Sequence[int]]] = None,
+               padding: Union[int, Sequence[int]] = 0, ceil_mode: bool = False) -> Tensor:
+    """F.max_pool2d with dilation 1 and no indices, by sqz's CPU kernel (4-D float32/float64 x;
+    stride None or [] = kernel_size, like torch). The output has x's memory format. Differentiable
+    (the backward uses ATen's max_pool2d_with_indices_backward, so gradients equal torch's)."""
+    k = _int_pair(kernel_size, "kernel_size")
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _int_pair(stride, "stride")
+    p = _int_pair(padding, "padding")
+    return call_op(torch.ops.sqz_kernels.max_pool2d, (x, list(k), list(s), list(p), bool(ceil_mode)), (x,))
+
+
+def _pooled_size(n, k, s, p, ceil_mode):
+    out = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= n + p else out
+
+
+@torch.library.register_fake("sqz_kernels::max_pool2d")
+def _max_pool2d_fake(x, kernel_size, stride, padding, ceil_mode):
+    torch._check(x.dim() == 4, lambda: "max_pool2d: x must be 4-D [N, C, H, W]")
+    n, c, h, w = x.shape
+    ho = _pooled_size(h, kernel_size[0], stride[0], padding[0], ceil_mode)
+    wo = _pooled_size(w, kernel_size[1], stride[1], padding[1], ceil_mode)
+    return x.new_empty((n, c, ho, wo)).contiguous(memory_format=_memory_format(x))
+
+
+def _max_pool2d_setup(ctx, inputs, output):
+    x, kernel_size, stride, padding, ceil_mode = inputs
+    ctx.pool = (kernel_size, stride, padding, ceil_mode)
+    ctx.save_for_backward(x)
+
+
+def _max_pool2d_backward(ctx, grad_out):
+    # ATen's indices (first maximum of each window) and its backward: torch's gradient exactly.
+    (x,) = ctx.saved_tensors
+    k, s, p, ceil_mode = ctx.pool
+    _, idx = torch.ops.aten.max_pool2d_with_indices(x, k, s, p, [1, 1], ceil_mode)
+    gx = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], ceil_mode, idx)
+    return gx, None, None, None, None
+
+
+torch.library.register_autograd("sqz_kernels::max_pool2d", _max_pool2d_backward,
+                                setup_context=_max_pool2d_setup)
 
 
 # The sparse-codebook ops (Deep Compression weights executed directly) live in their own file.
