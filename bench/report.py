@@ -50,6 +50,12 @@ def network_rows(rounds):
     xcl = x.contiguous(memory_format=torch.channels_last)
     eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    # the same models with sqz's max_pool2d in place of ATen's (sk.fast_pool_), and the compressed
+    # one with the ReLUs after conv1 / the classifier conv folded into its kernels (sk.fold_relu_)
+    fused_p, fused_cl_p, comp_p = (copy.deepcopy(m) for m in (fused, fused_cl, comp))
+    for m in (fused_p, fused_cl_p, comp_p):
+        sk.fast_pool_(m)
+    sk.fold_relu_(comp_p)
     fns = {
         "eager NCHW": lambda: eager(x),
         "eager channels_last": lambda: eager_cl(xcl),
@@ -57,6 +63,10 @@ def network_rows(rounds):
         "FusedFire channels_last": lambda: fused_cl(xcl),
         "compressed 33 %/6-bit, codebook kernels, NCHW": lambda: comp(x),
         "compressed 33 %/6-bit, codebook kernels, channels_last": lambda: comp(xcl),
+        "FusedFire + sqz pools, NCHW": lambda: fused_p(x),
+        "FusedFire + sqz pools, channels_last": lambda: fused_cl_p(xcl),
+        "compressed + sqz pools + folded ReLUs, NCHW": lambda: comp_p(x),
+        "compressed + sqz pools + folded ReLUs, channels_last": lambda: comp_p(xcl),
     }
     with threads(2), torch.no_grad():
         compiled = torch.compile(copy.deepcopy(eager))

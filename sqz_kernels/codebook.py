@@ -18,7 +18,7 @@ from .codebook_ops import _pair
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
-__all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire"]
+__all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire", "fold_relu_"]
 
 _STREAMS = ("codes", "gaps", "row_counts")
 
@@ -143,6 +143,7 @@ class CodebookConv2d(_CodebookLayer):
         self.padding = _pair(padding, "padding")
         self.weight_shape = (self.out_channels, self.in_channels) + self.kernel_size
         self._geometry = (list(self.kernel_size), list(self.stride), list(self.padding))
+        self.relu = False  # a fused ReLU on the output (set by fold_relu_; not part of the state)
         self._init_state(self.out_channels, bits, bias)
 
     @classmethod
@@ -161,7 +162,8 @@ class CodebookConv2d(_CodebookLayer):
     def forward_reference(self, x: Tensor) -> Tensor:
         w = self.decoded_weight().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, w, b, self.stride, self.padding)
+        y = F.conv2d(x, w, b, self.stride, self.padding)
+        return F.relu(y) if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
@@ -169,13 +171,14 @@ class CodebookConv2d(_CodebookLayer):
         # the op directly (geometry validated once in __init__, not per call by the wrapper)
         state = self._kernel_state(x)
         return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d,
-                           (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], False),
+                           (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu),
                            (x, state[0], state[4]))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bits={self.bits}, "
-                f"n={self.codebook.numel()}, entries={self.codes.numel()}")
+                f"n={self.codebook.numel()}, entries={self.codes.numel()}"
+                + (", relu=True" if self.relu else ""))
 
 
 class CodebookLinear(_CodebookLayer):
@@ -185,6 +188,7 @@ class CodebookLinear(_CodebookLayer):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight_shape = (self.out_features, self.in_features)
+        self.relu = False  # a fused ReLU on the output (set by fold_relu_; not part of the state)
         self._init_state(self.out_features, bits, bias)
 
     @classmethod
@@ -198,16 +202,18 @@ class CodebookLinear(_CodebookLayer):
 
     def forward_reference(self, x: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.decoded_weight().to(x.dtype), b)
+        y = F.linear(x, self.decoded_weight().to(x.dtype), b)
+        return F.relu(y) if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
-        return codebook_ops.codebook_linear(x, *self._kernel_state(x))
+        return codebook_ops.codebook_linear(x, *self._kernel_state(x), relu=self.relu)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"n={self.codebook.numel()}, entries={self.codes.numel()}")
+                f"n={self.codebook.numel()}, entries={self.codes.numel()}"
+                + (", relu=True" if self.relu else ""))
 
 
 class CodebookFire(nn.Module):
@@ -258,3 +264,21 @@ class CodebookFire(nn.Module):
         return codebook_ops.codebook_fused_fire(x, *self.squeeze._kernel_state(x),
                                                 *self.expand1x1._kernel_state(x),
                                                 *self.expand3x3._kernel_state(x))
+
+
+def fold_relu_(model: nn.Module) -> int:
+    """In every nn.Sequential of `model`, a CodebookConv2d / CodebookLinear directly followed by an
+    nn.ReLU takes the ReLU into its kernel (the layer's `relu` flag; the ReLU becomes nn.Identity,
+    so module names and the state_dict are unchanged). Saves a pass over the output (SqueezeNet:
+    conv1 and the classifier conv). Returns the number of folds."""
+    folds = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            layer, act = seq._modules[a], seq._modules[b]
+            if isinstance(layer, (CodebookConv2d, CodebookLinear)) and not layer.relu \
+                    and type(act) is nn.ReLU:
+                layer.relu = True
+                seq._modules[b] = nn.Identity()
+                folds += 1
+    return folds

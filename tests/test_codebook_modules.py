@@ -122,3 +122,39 @@ def test_call_op_skips_the_autograd_kernel_only_when_no_gradient_can_flow():
     yx.sum().backward()
     assert xg.grad is not None
     assert m(x).grad_fn is None  # nothing requires grad
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fold_relu_takes_the_relu_into_the_kernel(compressed_net, fmt):
+    folded = copy.deepcopy(compressed_net)
+    keys = list(folded.state_dict())
+    assert sk.fold_relu_(folded) == 2  # conv1 and the classifier conv
+    assert sk.fold_relu_(folded) == 0
+    assert list(folded.state_dict()) == keys
+    assert folded.features[0].relu and folded.classifier[1].relu
+    assert isinstance(folded.features[1], torch.nn.Identity) and "relu=True" in repr(folded.features[0])
+    x = torch.randn(1, 3, 96, 96).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), compressed_net(x), rtol=1e-6, atol=1e-6)
+        # the reference path applies the folded ReLU too
+        pre = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+        ref = torch.relu(compressed_net.features[0].forward_reference(pre))
+        torch.testing.assert_close(folded.features[0].forward_reference(pre), ref)
+        assert (folded.features[0](pre.float()) >= 0).all()
+
+
+def test_fold_relu_linear_and_gradients():
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(40, 9)
+    seq = torch.nn.Sequential(sk.CodebookLinear.from_linear(lin, bits=4), torch.nn.ReLU())
+    plain = copy.deepcopy(seq)
+    assert sk.fold_relu_(seq) == 1 and seq[0].relu
+    x = torch.randn(3, 40, requires_grad=True)
+    y1, y2 = seq(x), plain(x)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), (x, seq[0].codebook))
+    g2 = torch.autograd.grad(y2.square().sum(), (x, plain[0].codebook))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert rel_err(seq[0](x), seq[0].forward_reference(x.double())) <= 1e-5
