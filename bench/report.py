@@ -1,6 +1,6 @@
 """One-shot CPU summary for the README: per-Fire FusedFire vs eager, whole SqueezeNet 1.1 vs peers.
 
-usage: python bench/report.py [--out bench/results/cpu_summary.md] [--rounds 15]
+usage: python bench/report.py [--out bench/results/cpu_summary.md] [--rounds 15] [--network-only]
 
 Every comparison alternates its candidates in one process and reports medians (this machine class
 is noisy: +-20 % between runs). GFLOP/s = 2 * MACs / median time.
@@ -87,7 +87,13 @@ def main():
     p.add_argument("--out", default="bench/results/cpu_summary.md")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--network-only", action="store_true",
+                   help="only the whole-network table (default --out bench/results/network_summary.md)")
     args = p.parse_args()
+    if args.network_only:
+        args.threads = []
+        if args.out == p.get_default("out"):
+            args.out = "bench/results/network_summary.md"
     t0 = time.time()
     out = [f"# CPU summary ({time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
            f"torch {torch.__version__}, ISA {sk.ops.cpu_isa()})", ""]
