@@ -45,7 +45,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // shorten the tiles (fewer vectors per stored weight).
   const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads;
   if (g.N * nb < nthreads && !one_tile) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
-  const int64_t B = ceil_div(g.Ho, nb);
+  int64_t B = ceil_div(g.Ho, nb);
+  if (g.N * nb >= nthreads) B = balanced_band_rows(g.Ho, g.N, B, nthreads);
   nb = ceil_div(g.Ho, B);
   int64_t ob = 1;
   if (g.N * nb < nthreads) ob = std::min(g.O, ceil_div(nthreads, g.N * nb));

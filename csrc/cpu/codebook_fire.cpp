@@ -102,7 +102,8 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t bmax = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
   int64_t nb = ceil_div(H, bmax);
   if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, std::max<int64_t>(N, 1)));
-  const int64_t B = ceil_div(H, nb);
+  int64_t B = ceil_div(H, nb);
+  if (N * nb >= nthreads) B = balanced_band_rows(H, N, B, nthreads);
   nb = ceil_div(H, B);
   const int64_t Eout = E1 + E3;
   int64_t ob = 1;

@@ -631,6 +631,18 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
   }
 }
 
+// Rows per band for H rows of N images on nthreads threads, starting from `rows`: at::parallel_for
+// hands each thread one contiguous run of the N * nb (image, band) tasks, so a task count that is
+// not a multiple of the threads leaves a thread idle for a whole band (55 rows in 7 bands on 2
+// threads: 4 + 3 bands). Takes the largest band of >= rows / 2 rows whose task count is a multiple
+// of nthreads (A/B on SqueezeNet 1.1 Fires, see docs/codebook_kernels.md), else `rows`.
+inline int64_t balanced_band_rows(int64_t H, int64_t N, int64_t rows, int64_t nthreads) {
+  if (nthreads <= 1) return rows;
+  for (int64_t b = rows; b >= std::max<int64_t>(1, rows / 2); --b)
+    if ((N * ((H + b - 1) / b)) % nthreads == 0) return b;
+  return rows;
+}
+
 // Pixel tile length for n pixels (n a multiple of kVec): as few tiles as k.tile allows, of equal
 // length rounded up to kVec, so there is no short tail tile that costs a whole pass over a row.
 template <typename T>
