@@ -656,9 +656,10 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // budget while all rows of the layer walk it; `channels` when the whole slab fits. A block also
 // holds enough channels for >= min_entries entries per row on average (`entries` in `rows` rows),
 // since every (row, block) is a kernel call with a partial-tile round trip.
-// Measured on SqueezeNet 1.1 Fires (1 and 2 threads, 33 % density, same-process A/B): an L1-sized
-// budget (20 KB) was no faster than none and, with the old per-call chunk pre-pass, 15-30 % slower
-// on the 13x13 Fires, so the default budget (128 KB) only blocks layers with very many channels.
+// Measured on SqueezeNet 1.1 (1 and 2 threads, 33 % density, same-process A/B): L1-sized budgets
+// (16-24 KB) were 0-50 % slower than none, and a 128 KB budget was 5-10 % slower than none on the
+// 13x13 squeeze / expand3x3 / classifier layers (Fires neutral). The default (512 KB, half the L2
+// of a core here) only blocks slabs that would push the rest of the working set out of L2.
 // SQZ_KBLOCK_BYTES / SQZ_KBLOCK_MIN_ENTRIES override the two limits (tuning, and tests that force
 // tiny blocks through every block-boundary case).
 template <typename T>
@@ -666,7 +667,7 @@ inline int64_t chunk_channels(int64_t channels, int64_t planes, int64_t step, in
                               int64_t entries, int64_t rows) {
   const char* eb = std::getenv("SQZ_KBLOCK_BYTES");
   const char* em = std::getenv("SQZ_KBLOCK_MIN_ENTRIES");
-  const int64_t budget = eb ? std::max<int64_t>(1, std::atoll(eb)) : 128 * 1024;
+  const int64_t budget = eb ? std::max<int64_t>(1, std::atoll(eb)) : 512 * 1024;
   const double min_entries = em ? std::max(0.0, std::atof(em)) : 48.0;
   const int64_t per_ch = planes * (step + halo) * static_cast<int64_t>(sizeof(T));
   int64_t cch = std::max<int64_t>(1, budget / std::max<int64_t>(per_ch, 1));
