@@ -93,7 +93,9 @@ def _reference_copy(model):
 
 def _compressed_demo(args, eager, fused, x) -> bool:
     """compress -> save -> load -> run the compressed model with the sparse-codebook kernels."""
+    from .codebook import fold_relu_
     from .compression import compress, load, resident_bytes, save
+    from .pool import fast_pool_
 
     model = copy.deepcopy(eager).to(memory_format=torch.contiguous_format)
     compress(model, density=args.density, bits=args.bits)
@@ -105,12 +107,17 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     if args.format == "channels_last":
         loaded = loaded.to(memory_format=torch.channels_last)
     reference = _reference_copy(loaded)
+    # the same compressed model with sqz's max-pool and the ReLUs after conv1 / the classifier
+    # conv folded into their codebook kernels
+    tuned = copy.deepcopy(loaded)
+    fast_pool_(tuned)
+    fold_relu_(tuned)
     with torch.no_grad():
-        y_dense, y_comp, y_ref = eager(x), loaded(x), reference(x)
-    kernel_diff = (y_comp - y_ref).abs().max().item()
+        y_dense, y_comp, y_ref, y_tuned = eager(x), loaded(x), reference(x), tuned(x)
+    kernel_diff = max((y_comp - y_ref).abs().max().item(), (y_tuned - y_ref).abs().max().item())
     dense_diff = (y_comp - y_dense).abs().max().item()
-    med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x)},
-                    rounds=args.rounds, budget_s=2 * args.budget)
+    med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x),
+                     "tuned": lambda: tuned(x)}, rounds=args.rounds, budget_s=2 * args.budget)
     dense_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     print(f"\ncompressed {args.arch}: density {args.density}, {args.bits}-bit codebooks "
           f"(dense fp32 / file = {dense_bytes / file_bytes:.1f}x)")
@@ -118,6 +125,7 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     print(f"{'dense eager':28} {dense_bytes:14,d} {med['eager'] * 1e3:11.3f}")
     print(f"{'dense FusedFire':28} {dense_bytes:14,d} {med['fused'] * 1e3:11.3f}")
     print(f"{'compressed, resident':28} {resident_bytes(loaded):14,d} {med['compressed'] * 1e3:11.3f}")
+    print(f"{'  + sqz pools, folded ReLUs':28} {resident_bytes(tuned):14,d} {med['tuned'] * 1e3:11.3f}")
     print(f"{'compressed, .sqz file':28} {file_bytes:14,d}")
     print(f"max |kernels - decoded reference| = {kernel_diff:.3g}   "
           f"max |compressed - dense| = {dense_diff:.3g} (pruning + quantisation changes the function)")
