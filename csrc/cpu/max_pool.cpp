@@ -37,24 +37,36 @@ inline T nan_max(T m, T v) {
   return (v > m || v != v) ? v : m;  // a NaN in either stays NaN
 }
 
+#if defined(__AVX512F__)
+// out[i, i + 16) = max over k < count of load(i, k, mask), for i = 0, 16, ... < len: the
+// NaN-propagating vector max both passes use (vmaxps alone would drop a NaN in its first operand).
+template <typename Load>
+inline void vec_max_blocks(int64_t len, int64_t count, float* out, Load load) {
+  const __m512 qnan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1u);
+    __m512 acc = ninf;
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      const __m512 v = load(i, k, m);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      acc = _mm512_max_ps(acc, v);
+    }
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mask_mov_ps(acc, nan, qnan));
+  }
+}
+#endif
+
 // dst[i] = max over rows r < nrows of src[r * stride + i], i < len.
 template <typename T>
 void max_rows(const T* src, int64_t stride, int64_t nrows, int64_t len, T* dst, bool wide) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
     if (wide) {
-      const __m512 qnan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-      for (int64_t i = 0; i < len; i += 16) {
-        const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1u);
-        __m512 acc = _mm512_maskz_loadu_ps(m, src + i);
-        __mmask16 nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
-        for (int64_t r = 1; r < nrows; ++r) {
-          const __m512 v = _mm512_maskz_loadu_ps(m, src + r * stride + i);
-          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-          acc = _mm512_max_ps(acc, v);
-        }
-        _mm512_mask_storeu_ps(dst + i, m, _mm512_mask_mov_ps(acc, nan, qnan));
-      }
+      vec_max_blocks(len, nrows, dst, [&](int64_t i, int64_t r, __mmask16 m) {
+        return _mm512_maskz_loadu_ps(m, src + r * stride + i);
+      });
       return;
     }
   }
@@ -72,21 +84,12 @@ void max_cols_nchw(const T* row, int64_t kw, int64_t sw, int64_t Wo, T* out, boo
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
     if (wide && sw <= 2) {
-      const __m512 qnan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
       const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-      for (int64_t ox = 0; ox < Wo; ox += 16) {
-        const __mmask16 m = Wo - ox >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (Wo - ox)) - 1u);
-        __m512 acc = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        __mmask16 nan = 0;
-        for (int64_t kx = 0; kx < kw; ++kx) {
-          const float* p = row + ox * sw + kx;
-          const __m512 v = sw == 1 ? _mm512_loadu_ps(p)
-                                   : _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
-          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-          acc = _mm512_max_ps(acc, v);
-        }
-        _mm512_mask_storeu_ps(out + ox, m, _mm512_mask_mov_ps(acc, nan, qnan));
-      }
+      vec_max_blocks(Wo, kw, out, [&](int64_t ox, int64_t kx, __mmask16) {
+        const float* p = row + ox * sw + kx;
+        return sw == 1 ? _mm512_loadu_ps(p)
+                       : _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+      });
       return;
     }
   }
