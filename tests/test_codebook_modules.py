@@ -158,3 +158,15 @@ def test_fold_relu_linear_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert rel_err(seq[0](x), seq[0].forward_reference(x.double())) <= 1e-5
+
+
+def test_load_into_a_folded_model_keeps_the_folded_relus(compressed_net, tmp_path):
+    folded = copy.deepcopy(compressed_net)
+    sk.fold_relu_(folded)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = folded(x)
+        sk.save(compressed_net, tmp_path / "net.sqz")
+        sk.load(tmp_path / "net.sqz", folded)
+        assert folded.features[0].relu and folded.classifier[1].relu
+        torch.testing.assert_close(folded(x), ref, rtol=1e-6, atol=1e-6)

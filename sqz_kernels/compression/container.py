@@ -402,6 +402,9 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
             raise ValueError(f"load: module {name!r} ({type(old).__name__}) does not match the file's "
                              f"{L['kind']} of shape {L['shape']}")
         m.set_compressed(L["codebook"], L["codes"], L["gaps"], L["row_counts"])
+        # a layer that took in its ReLU (sk.fold_relu_: the nn.ReLU after it became nn.Identity)
+        # keeps it, or loading into a folded model would silently drop that ReLU
+        m.relu = bool(getattr(old, "relu", False))
         m.to(next(iter(old.parameters()), torch.zeros(0)).device)
         m.train(old.training)
         new_mods[name] = m
