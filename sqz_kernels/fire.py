@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._modules import replace_submodule
 
 __all__ = ["FusedFire", "EagerFire", "is_fire_like", "fuse_fire_"]
 
@@ -103,7 +104,5 @@ def fuse_fire_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], 
             continue
         swaps.append(name)
     for name in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedFire.from_fire(parent.get_submodule(child)))
+        replace_submodule(model, name, FusedFire.from_fire(model.get_submodule(name)))
     return len(swaps)

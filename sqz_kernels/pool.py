@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._modules import replace_submodule
 
 __all__ = ["MaxPool2d", "fast_pool_"]
 
@@ -42,9 +43,8 @@ def fast_pool_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], 
     (no parameters, so state_dicts are unaffected). `filter_fn(name, module)` may veto a swap.
     Returns the count."""
     swaps = [name for name, mod in model.named_modules()
-             if type(mod) is nn.MaxPool2d and (filter_fn is None or filter_fn(name, mod))]
+             if mod is not model and type(mod) is nn.MaxPool2d
+             and (filter_fn is None or filter_fn(name, mod))]
     for name in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MaxPool2d.from_pool(parent.get_submodule(child)))
+        replace_submodule(model, name, MaxPool2d.from_pool(model.get_submodule(name)))
     return len(swaps)

@@ -153,3 +153,4 @@ def test_module_fallbacks_and_surgery():
         assert list(model.state_dict()) == keys
         assert torch.equal(model(xi), ref)
     assert sk.fast_pool_(nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(2)), lambda name, m: name == "1") == 1
+    assert sk.fast_pool_(nn.MaxPool2d(2)) == 0  # the model itself cannot be replaced in place

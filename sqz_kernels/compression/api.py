@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
+from .._modules import replace_submodule
 from . import container, prune as _prune
 from .finetune import run_finetune
 from .kmeans import INITS
@@ -153,8 +154,7 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
 
 def _swap(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
     for name, mod in mods.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, mod)
+        replace_submodule(model, name, mod)
 
 
 def report(model: nn.Module, index_bits: Union[int, str] = "auto", codebook_dtype: str = "float32",

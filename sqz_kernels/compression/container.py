@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._modules import replace_submodule
 from . import huffman, resident
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "read", "read_metadata", "pack_layer",
@@ -412,8 +413,8 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         get(fname)
     # all checks of the dense part before any change
     def swap(name, mod):
-        parent, _, child = name.rpartition(".")
-        setattr(get(parent), child, mod) if name else None
+        if name:  # the model itself cannot be replaced in place
+            replace_submodule(model, name, mod)
 
     # dry run on the key sets: the state_dict the model will have after the swaps
     owned = {(n + "." if n else "") + s for n in new_mods for s in ("codebook", "codes", "gaps", "row_counts")}
