@@ -13,12 +13,14 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -79,6 +81,12 @@ struct Walk {
 // channels; unblocked calls pass kNoBound). Cursors only grow within a row, so a row is walked
 // block by block with no per-call pre-pass over the stream.
 constexpr int64_t kNoBound = std::numeric_limits<int64_t>::max();
+
+// A micro-kernel (the signature every tile_* below has).
+template <typename T>
+using TileFn = Walk (*)(const T*, const uint8_t*, const uint8_t*, int64_t /*cnt*/, int64_t /*cur0*/,
+                        int64_t /*bound*/, const int32_t*, const T*, int, T*, bool /*acc_in*/,
+                        const TileDst<T>* /*td: null = write out*/, int64_t /*row*/);
 
 template <typename T>
 inline Walk tile_scalar(const T* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
@@ -236,29 +244,30 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
 }
 
 #define SQZ_TILE_ARGS in, gp, cp, cnt, cur0, bound, tab, cb, len, out, acc_in, td, o
+// A tile of NV whole vectors: two accumulator sets up to 4 vectors, one entry per iteration above.
+template <int NV>
+__attribute__((always_inline)) inline Walk tile_avx512_full(
+    const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt, int64_t cur0, int64_t bound,
+    const int32_t* tab, const float* cb, int len, float* out, bool acc_in, const TileDst<float>* td,
+    int64_t o) {
+  if constexpr (NV >= 5) {
+    return tile_avx512_wide<NV, true>(SQZ_TILE_ARGS);
+  } else {
+    return tile_avx512_n<NV, true>(SQZ_TILE_ARGS);
+  }
+}
+
+template <std::size_t... I>
+constexpr std::array<TileFn<float>, sizeof...(I)> full_tile_table(std::index_sequence<I...>) {
+  return {{&tile_avx512_full<static_cast<int>(I) + 1>...}};
+}
+
 inline Walk tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
                         int64_t cur0, int64_t bound, const int32_t* tab, const float* cb, int len,
                         float* out, bool acc_in, const TileDst<float>* td, int64_t o) {
-  if (len % 16 == 0) {  // whole vectors: the aligned-layout case
-    switch (len / 16) {
-      case 16: return tile_avx512_wide<16, true>(SQZ_TILE_ARGS);
-      case 15: return tile_avx512_wide<15, true>(SQZ_TILE_ARGS);
-      case 14: return tile_avx512_wide<14, true>(SQZ_TILE_ARGS);
-      case 13: return tile_avx512_wide<13, true>(SQZ_TILE_ARGS);
-      case 12: return tile_avx512_wide<12, true>(SQZ_TILE_ARGS);
-      case 11: return tile_avx512_wide<11, true>(SQZ_TILE_ARGS);
-      case 10: return tile_avx512_wide<10, true>(SQZ_TILE_ARGS);
-      case 9: return tile_avx512_wide<9, true>(SQZ_TILE_ARGS);
-      case 8: return tile_avx512_wide<8, true>(SQZ_TILE_ARGS);
-      case 7: return tile_avx512_wide<7, true>(SQZ_TILE_ARGS);
-      case 6: return tile_avx512_wide<6, true>(SQZ_TILE_ARGS);
-      case 5: return tile_avx512_wide<5, true>(SQZ_TILE_ARGS);
-      case 4: return tile_avx512_n<4, true>(SQZ_TILE_ARGS);
-      case 3: return tile_avx512_n<3, true>(SQZ_TILE_ARGS);
-      case 2: return tile_avx512_n<2, true>(SQZ_TILE_ARGS);
-      case 1: return tile_avx512_n<1, true>(SQZ_TILE_ARGS);
-      default: break;
-    }
+  if (len % 16 == 0 && len >= 16 && len <= kMaxTile) {  // whole vectors: the aligned-layout case
+    static constexpr auto full = full_tile_table(std::make_index_sequence<kMaxTile / 16>());
+    return full[len / 16 - 1](SQZ_TILE_ARGS);
   }
   if (len > 128) return tile_avx512_wide<16, false>(SQZ_TILE_ARGS);  // not made by the layouts
   if (len > 112) return tile_avx512_wide<8, false>(SQZ_TILE_ARGS);
@@ -282,26 +291,22 @@ __attribute__((noinline)) void rows_avx512_t(const float* in, const uint8_t* gap
                                             const TileDst<float>* td) {
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t rs = row_start[o];
-    if constexpr (NV >= 5) {
-      tile_avx512_wide<NV, true>(in, gaps + rs, codes + rs, row_start[o + 1] - rs, -1, kNoBound, tab,
-                                 cb, 16 * NV, nullptr, false, td, o);
-    } else {
-      tile_avx512_n<NV, true>(in, gaps + rs, codes + rs, row_start[o + 1] - rs, -1, kNoBound, tab,
-                              cb, 16 * NV, nullptr, false, td, o);
-    }
+    tile_avx512_full<NV>(in, gaps + rs, codes + rs, row_start[o + 1] - rs, -1, kNoBound, tab, cb,
+                         16 * NV, nullptr, false, td, o);
   }
 }
 
 using RowsFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*, const int32_t*,
                         const float*, int64_t, int64_t, const TileDst<float>*);
 
+template <std::size_t... I>
+constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>) {
+  return {{&rows_avx512_t<static_cast<int>(I) + 1>...}};
+}
+
 // The rows kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline RowsFn rows_avx512(int len) {
-  static constexpr RowsFn fns[16] = {
-      &rows_avx512_t<1>,  &rows_avx512_t<2>,  &rows_avx512_t<3>,  &rows_avx512_t<4>,
-      &rows_avx512_t<5>,  &rows_avx512_t<6>,  &rows_avx512_t<7>,  &rows_avx512_t<8>,
-      &rows_avx512_t<9>,  &rows_avx512_t<10>, &rows_avx512_t<11>, &rows_avx512_t<12>,
-      &rows_avx512_t<13>, &rows_avx512_t<14>, &rows_avx512_t<15>, &rows_avx512_t<16>};
+  static constexpr auto fns = rows_table(std::make_index_sequence<kMaxTile / 16>());
   return len % 16 == 0 && len >= 16 && len <= kMaxTile ? fns[len / 16 - 1] : nullptr;
 }
 #endif
@@ -356,11 +361,6 @@ inline Walk tile_avx2(const float* in, const uint8_t* gp, const uint8_t* cp, int
 }
 #endif
 #undef SQZ_TILE_ARGS
-
-template <typename T>
-using TileFn = Walk (*)(const T*, const uint8_t*, const uint8_t*, int64_t /*cnt*/, int64_t /*cur0*/,
-                        int64_t /*bound*/, const int32_t*, const T*, int, T*, bool /*acc_in*/,
-                        const TileDst<T>* /*td: null = write out*/, int64_t /*row*/);
 
 // One validated layer as the micro-kernels read it.
 template <typename T>
@@ -767,7 +767,7 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
     const TileDst<T>* dst = !rowblocks && k.direct && sink.plan(q0, len, td) ? &td : nullptr;
 #if defined(__AVX512F__)
     if constexpr (std::is_same<T, float>::value) {
-      if (L.nblocks <= 1 && dst && k.wide && k.direct) {
+      if (L.nblocks <= 1 && dst && k.wide) {  // dst: the kernel is direct
         if (const RowsFn rf = rows_avx512(len)) {
           rf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, dst);
           continue;
