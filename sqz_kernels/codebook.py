@@ -32,6 +32,7 @@ class _CodebookLayer(nn.Module):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
         self.bits = bits
+        self.relu = False  # a fused ReLU on the output (set by fold_relu_; not part of the state)
         # An empty layer (no entries) until set_compressed: an all-zero weight.
         self.codebook = nn.Parameter(torch.zeros(1))
         self.register_buffer("codes", torch.zeros(0, dtype=torch.uint8))
@@ -143,7 +144,6 @@ class CodebookConv2d(_CodebookLayer):
         self.padding = _pair(padding, "padding")
         self.weight_shape = (self.out_channels, self.in_channels) + self.kernel_size
         self._geometry = (list(self.kernel_size), list(self.stride), list(self.padding))
-        self.relu = False  # a fused ReLU on the output (set by fold_relu_; not part of the state)
         self._init_state(self.out_channels, bits, bias)
 
     @classmethod
@@ -188,7 +188,6 @@ class CodebookLinear(_CodebookLayer):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight_shape = (self.out_features, self.in_features)
-        self.relu = False  # a fused ReLU on the output (set by fold_relu_; not part of the state)
         self._init_state(self.out_features, bits, bias)
 
     @classmethod
