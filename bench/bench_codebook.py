@@ -57,9 +57,9 @@ def _fmt(x, fmt):
     return x.to(memory_format=torch.channels_last) if fmt == "cl" else x
 
 
-def build_conv(case, density, fmt, seed=0):
+def build_conv(case, density, fmt, seed=0, block=1):
     name, C, O, k, s, p, H = case
-    L = make_layer(O, C * k * k, density, BITS, seed=seed)
+    L = make_layer(O, C * k * k, density, BITS, seed=seed, quads=block == 4)
     x = _fmt(torch.randn(1, C, H, H), fmt)
     w = _fmt(L["dense"].float().reshape(O, C, k, k), fmt)
     b = L["bias"]
@@ -73,10 +73,12 @@ def build_conv(case, density, fmt, seed=0):
     return fns, macs
 
 
-def build_fire(case, density, fmt, seed=0):
+def build_fire(case, density, fmt, seed=0, block=1):
     name, C, S, E1, E3, H = case
-    Ls = [make_layer(S, C, density, BITS, seed=seed + 1), make_layer(E1, S, density, BITS, seed=seed + 2),
-          make_layer(E3, 9 * S, density, BITS, seed=seed + 3)]
+    q = block == 4
+    Ls = [make_layer(S, C, density, BITS, seed=seed + 1, quads=q),
+          make_layer(E1, S, density, BITS, seed=seed + 2, quads=q),
+          make_layer(E3, 9 * S, density, BITS, seed=seed + 3, quads=q)]
     x = _fmt(torch.randn(1, C, H, H), fmt)
     ws = [_fmt(Ls[0]["dense"].float().reshape(S, C, 1, 1), fmt), Ls[0]["bias"],
           _fmt(Ls[1]["dense"].float().reshape(E1, S, 1, 1), fmt), Ls[1]["bias"],
@@ -120,10 +122,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="substring filter on layer names")
     ap.add_argument("--fires-only", action="store_true")
+    ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
+    ap.add_argument("--block", type=int, choices=(1, 4), default=1,
+                    help="4: weights pruned in blocks of 4 output channels (the kernels' row quads)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"# torch {torch.__version__}, threads {a.threads}, isa {torch.ops.sqz_kernels.cpu_isa()}, "
-          f"batch 1, {BITS}-bit; times are medians of {a.rounds} alternating rounds; "
+          f"batch 1, {BITS}-bit, "
+          f"{'unstructured pruning' if a.block == 1 else f'pruned in blocks of {a.block} output channels'}; times are medians of {a.rounds} alternating rounds; "
           "'(min)' columns use the fastest round of each (robust on a shared machine)")
     print("| version | fmt | layer | density | codebook ms | eager ms | eager/cb | fusedfire ms | fused/cb "
           "| eager/cb (min) | fused/cb (min) | cb GFLOP/s dense-equiv. |")
@@ -137,8 +143,8 @@ def main(argv=None):
                 for kind, case in cases:
                     if a.only and a.only not in case[0]:
                         continue
-                    for d in DENSITIES:
-                        fns, macs = (build_fire if kind == "fire" else build_conv)(case, d, fmt)
+                    for d in (float(v) for v in a.densities.split(",")):
+                        fns, macs = (build_fire if kind == "fire" else build_conv)(case, d, fmt, block=a.block)
                         t, m = alternate(fns, a.rounds)
                         fused = t.get("fusedfire")
                         fms = "" if fused is None else f"{fused * 1e3:.3f}"

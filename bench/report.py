@@ -45,17 +45,21 @@ def network_rows(rounds):
     fused = copy.deepcopy(eager)
     sk.fuse_fire_(fused)
     comp = copy.deepcopy(eager)
-    sk.compress(comp, density=0.33, bits=6)
+    sk.compress(comp, density=0.33, bits=6, progress=False)
+    # pruned in blocks of 4 output channels: the kernels run row quads (same density and bits)
+    comp_q = copy.deepcopy(eager)
+    sk.compress(comp_q, density=0.33, bits=6, block=4, progress=False)
     x = torch.randn(1, 3, 224, 224)
     xcl = x.contiguous(memory_format=torch.channels_last)
     eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     # the same models with sqz's max_pool2d in place of ATen's (sk.fast_pool_), and the compressed
     # one with the ReLUs after conv1 / the classifier conv folded into its kernels (sk.fold_relu_)
-    fused_p, fused_cl_p, comp_p = (copy.deepcopy(m) for m in (fused, fused_cl, comp))
-    for m in (fused_p, fused_cl_p, comp_p):
+    fused_p, fused_cl_p, comp_p, comp_qp = (copy.deepcopy(m) for m in (fused, fused_cl, comp, comp_q))
+    for m in (fused_p, fused_cl_p, comp_p, comp_qp):
         sk.fast_pool_(m)
     sk.fold_relu_(comp_p)
+    sk.fold_relu_(comp_qp)
     fns = {
         "eager NCHW": lambda: eager(x),
         "eager channels_last": lambda: eager_cl(xcl),
@@ -67,6 +71,8 @@ def network_rows(rounds):
         "FusedFire + sqz pools, channels_last": lambda: fused_cl_p(xcl),
         "compressed + sqz pools + folded ReLUs, NCHW": lambda: comp_p(x),
         "compressed + sqz pools + folded ReLUs, channels_last": lambda: comp_p(xcl),
+        "compressed, blocks of 4 rows, + sqz pools + folded ReLUs, NCHW": lambda: comp_qp(x),
+        "compressed, blocks of 4 rows, + sqz pools + folded ReLUs, channels_last": lambda: comp_qp(xcl),
     }
     with threads(2), torch.no_grad():
         compiled = torch.compile(copy.deepcopy(eager))

@@ -98,7 +98,7 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     from .pool import fast_pool_
 
     model = copy.deepcopy(eager).to(memory_format=torch.contiguous_format)
-    compress(model, density=args.density, bits=args.bits)
+    compress(model, density=args.density, bits=args.bits, block=args.block)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "net.sqz")
         save(model, path)
@@ -119,7 +119,8 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x),
                      "tuned": lambda: tuned(x)}, rounds=args.rounds, budget_s=2 * args.budget)
     dense_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-    print(f"\ncompressed {args.arch}: density {args.density}, {args.bits}-bit codebooks "
+    pruning = "unstructured pruning" if args.block == 1 else f"pruned in blocks of {args.block} rows"
+    print(f"\ncompressed {args.arch}: density {args.density}, {args.bits}-bit codebooks, {pruning} "
           f"(dense fp32 / file = {dense_bytes / file_bytes:.1f}x)")
     print(f"{'model':28} {'weights bytes':>14} {'latency ms':>11}")
     print(f"{'dense eager':28} {dense_bytes:14,d} {med['eager'] * 1e3:11.3f}")
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compress -> save -> load -> run with the sparse-codebook kernels")
     d.add_argument("--density", type=float, default=0.33)
     d.add_argument("--bits", type=int, default=6)
+    d.add_argument("--block", type=int, default=1,
+                   help="prune blocks of this many output channels together (4: row quads)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="larger-scale per-Fire and whole-network timing + PNG plot")

@@ -26,18 +26,25 @@ def encode_rows(codes_dense: np.ndarray, mask: np.ndarray):
     return codes, gaps, row_counts
 
 
-def make_layer(O, K, density, bits, dtype=torch.float32, seed=0, bias=True, force_fillers=False):
+def make_layer(O, K, density, bits, dtype=torch.float32, seed=0, bias=True, force_fillers=False,
+               quads=False):
     """Random compressed layer. Returns dict(codebook, codes, gaps, row_counts, bias, dense) where
-    dense is the float64 [O, K] decoded weight (oracle)."""
+    dense is the float64 [O, K] decoded weight (oracle). quads: rows 4g..4g+3 share one random
+    pattern (a block-pruned layer), except rows 1 (empty), 0 with force_fillers, and the last
+    O % 4 rows, so shared quads and single rows alternate."""
     rng = np.random.default_rng(seed)
     n = 2 ** bits
     codebook = rng.standard_normal(n) * 0.5
-    mask = rng.random((O, K)) < density
+    if quads:
+        mask = np.repeat(rng.random(((O + 3) // 4, K)) < density, 4, axis=0)[:O]
+    else:
+        mask = rng.random((O, K)) < density
     if O > 2 and density > 0:
         mask[1, :] = False  # an empty row
     if force_fillers and K > 300:
-        mask[0, :] = False
-        mask[0, K - 1] = True  # one weight after a run of > 255 zeros -> fillers
+        rows = slice(4, 8) if quads and O >= 8 else slice(0, 1)  # quads: a whole shared quad
+        mask[rows, :] = False
+        mask[rows, K - 1] = True  # one weight after a run of > 255 zeros -> fillers
     codes_dense = rng.integers(0, n, size=(O, K))
     codes, gaps, row_counts = encode_rows(codes_dense, mask)
     dense = np.where(mask, codebook[codes_dense], 0.0)

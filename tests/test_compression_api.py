@@ -9,6 +9,7 @@ from torch import nn
 import sqz_kernels as sk
 from sqz_kernels import compression as C
 from sqz_kernels.codebook import CodebookConv2d, CodebookFire, CodebookLinear
+from sqz_kernels.cli import _reference_copy
 from sqz_kernels.compression import resident
 
 
@@ -134,3 +135,30 @@ def test_lone_fire_model_is_rejected_but_wrapped_works():
     C.compress(net, density=0.5, bits=4, progress=False)
     assert isinstance(net[0], CodebookFire)
     assert net(torch.randn(1, 8, 5, 5)).shape == (1, 16, 5, 5)
+
+
+def test_block_pruned_model_streams_share_row_quads_and_run_the_kernels():
+    # compress(block=4): the rows of every block of 4 output channels hold byte-equal gap
+    # streams (what the kernels run as row quads), and the model still equals its reference
+    torch.manual_seed(0)
+    net = sk.models.squeezenet1_1().eval()
+    C.compress(net, density=0.33, bits=6, block=4, progress=False)
+    for name, m in net.named_modules():
+        if isinstance(m, (CodebookConv2d, CodebookLinear)):
+            counts = m.row_counts.tolist()
+            starts = [0]
+            for c in counts:
+                starts.append(starts[-1] + c)
+            for g in range(0, len(counts) - 3, 4):
+                rows = [m.gaps[starts[r]:starts[r + 1]] for r in range(g, g + 4)]
+                assert all(torch.equal(rows[0], r) for r in rows[1:]), (name, g)
+    ref = _reference_copy(net)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = net(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4 * max(1.0, y.abs().max().item()))
+
+
+def test_bad_block_names_the_argument():
+    with pytest.raises(ValueError, match="block"):
+        C.compress(TinyNet(), block=0, progress=False)

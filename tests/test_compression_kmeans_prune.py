@@ -86,3 +86,48 @@ def test_density_schedule():
     assert s == pytest.approx([0.5, 0.25])
     with pytest.raises(ValueError):
         density_schedule(0.25, 0)
+
+
+def _rows_share_pattern(mask, block):
+    m = mask.reshape(mask.shape[0], -1)
+    for g in range(0, m.shape[0], block):
+        rows = m[g:g + block]
+        assert torch.equal(rows, rows[:1].expand_as(rows)), f"rows {g}..{g + len(rows) - 1} differ"
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 3, 3), (18, 7), (5, 3, 1, 1), (1, 9)])
+def test_block_mask_shares_patterns_and_keeps_largest_blocks(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    m = magnitude_mask(w, 0.33, block=4)
+    assert m.shape == w.shape and m.dtype == torch.bool
+    _rows_share_pattern(m, 4)
+    O, K = shape[0], w[0].numel()
+    G = (O + 3) // 4
+    if O > 1:
+        # block scores: kept blocks have the largest L2 norms (the ragged last block holds fewer rows)
+        w2 = w.reshape(O, K) ** 2
+        score = torch.stack([w2[g * 4:(g + 1) * 4].sum(0) for g in range(G)])
+        keep = torch.stack([m.reshape(O, K)[g * 4] for g in range(G)])
+        assert int(keep.sum()) == max(1, round(0.33 * G * K))
+        assert score[keep].min() >= score[~keep].max()
+    assert torch.equal(magnitude_mask(w, 1.0, block=4), torch.ones_like(m))
+
+
+def test_block_mask_never_revives_and_rejects_bad_block():
+    w = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    first = magnitude_mask(w, 0.5, block=4)
+    second = magnitude_mask(torch.randn(16, 8), 0.25, current=first, block=4)
+    assert not torch.any(second & ~first)
+    _rows_share_pattern(second, 4)
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="block"):
+            magnitude_mask(w, 0.5, block=bad)
+
+
+def test_prune_block_schedule():
+    torch.manual_seed(0)
+    layers = {"a": nn.Conv2d(8, 12, 3), "b": nn.Linear(10, 6)}
+    masks = prune_(layers, {"a": 0.3, "b": 0.5}, schedule=2, block=4)
+    for n, l in layers.items():
+        _rows_share_pattern(masks[n], 4)
+        assert torch.equal(l.weight != 0, masks[n])

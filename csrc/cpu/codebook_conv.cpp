@@ -69,6 +69,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
         tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
   const at::Tensor gaps = s.gaps.contiguous(), codes = s.codes.contiguous();
   Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
+  std::vector<uint8_t> quads;
+  find_quads(L, g.O, k, quads);
 
   const int64_t step = tile_step(k, flat ? pitch : B * pitch);
   const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);

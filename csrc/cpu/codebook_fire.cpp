@@ -161,6 +161,10 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
               cb_e1.data_ptr<T>()};
   Rows<T> Le3{g_e3.data_ptr<uint8_t>(), k_e3.data_ptr<uint8_t>(), rs_e3.data(), t_e3.data(),
               cb_e3.data_ptr<T>()};
+  std::vector<uint8_t> q_sq, q_e1, q_e3;
+  find_quads(Lsq, S, k, q_sq);
+  find_quads(Le1, E1, k, q_e1);
+  find_quads(Le3, E3, k, q_e3);
   const T* xp = x.data_ptr<T>();
   T* yp = out.data_ptr<T>();
 

@@ -138,11 +138,38 @@ __attribute__((always_inline)) inline Walk walk_pairs(const uint8_t* gp, int64_t
   return {j, cur};
 }
 
+// quads[g] != 0: rows 4g..4g+3 of a validated stream share their positions (equal counts, equal
+// gap bytes) and hold at least one entry. O(E) byte compares per call.
+inline std::vector<uint8_t> shared_quads(const uint8_t* gaps, const int64_t* row_start, int64_t O) {
+  std::vector<uint8_t> q(static_cast<size_t>(O / 4), 0);
+  for (int64_t g = 0; g < O / 4; ++g) {
+    const int64_t o = 4 * g, n = row_start[o + 1] - row_start[o];
+    bool same = n > 0;
+    for (int r = 1; r < 4 && same; ++r)
+      same = row_start[o + r + 1] - row_start[o + r] == n &&
+             std::memcmp(gaps + row_start[o], gaps + row_start[o + r], static_cast<size_t>(n)) == 0;
+    q[g] = same;
+  }
+  return q;
+}
+
+// Row quads on (SQZ_QUADS=0 turns them off: A/B measurements).
+inline bool quads_enabled() {
+  const char* e = std::getenv("SQZ_QUADS");
+  return !(e && e[0] == '0');
+}
+
+// True if rows o..o+3 form a shared quad that lies inside [o, o1).
+inline bool is_quad(const uint8_t* quads, int64_t o, int64_t o1) {
+  return quads && (o & 3) == 0 && o + 4 <= o1 && quads[o >> 2];
+}
+
 #if defined(__AVX512F__)
 // Final tile -> its destinations (see TileDst). max(0, NaN) keeps the NaN, like torch.relu.
+// Vector v of the tile is vector v0 + v of the TileDst (a quad chunk starts at v0 > 0).
 template <int NV>
 __attribute__((always_inline)) inline void store_direct(__m512 (&r)[NV], const TileDst<float>* td,
-                                                        int64_t o) {
+                                                        int64_t o, int v0 = 0) {
   const __m512 vb = _mm512_set1_ps(td->bias ? td->bias[o] : 0.f);
   const __m512 z = _mm512_setzero_ps();
   for (int v = 0; v < NV; ++v) {
@@ -151,7 +178,8 @@ __attribute__((always_inline)) inline void store_direct(__m512 (&r)[NV], const T
   }
   for (int d = 0; d < td->nd; ++d) {
     float* p = td->base[d] + o * td->row_stride[d];
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(p + td->off[d][v], td->mask[d][v], r[v]);
+    for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(p + td->off[d][v0 + v], td->mask[d][v0 + v], r[v]);
   }
 }
 
@@ -280,24 +308,117 @@ inline Walk tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, i
   return tile_avx512_n<1, false>(SQZ_TILE_ARGS);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row quads. A block-pruned layer (compress(..., block=4)) keeps the same weight positions in the
+// four rows 4g..4g+3: equal row_counts and byte-equal gap streams, only the codes differ. The
+// unstructured kernel loads one input vector per multiply-add, and that load (an L2 -> L1 line) is
+// what bounds it (docs/codebook_kernels.md); on a quad one load feeds four multiply-adds, one per
+// row. The format is unchanged: quads are found per call by comparing the rows' streams
+// (shared_quads), so any stream stays valid and rows that do not share a pattern run the row kernel.
+// ---------------------------------------------------------------------------------------------
+// Where a quad's four finished tiles go: the TileDst (final, direct) or rows out + r * ld.
+struct QuadOut {
+  const TileDst<float>* td;
+  float* out;
+  int64_t ld;
+};
+
+// Vectors [v0, v0 + NV) of a tile for rows o..o+3: 4 * NV accumulators + 4 broadcast weights
+// (NV <= 6 keeps them within the 32 zmm registers).
+template <int NV>
+__attribute__((noinline)) void quad_chunk(const float* in, const uint8_t* gp, const uint8_t* codes,
+                                          const int64_t* row_start, int64_t cnt, const int32_t* tab,
+                                          const float* cb, int v0, int64_t o, const QuadOut& qo) {
+  static_assert(NV >= 1 && NV <= 6, "4 x NV accumulators must fit the registers");
+  const uint8_t* c0 = codes + row_start[o];
+  const uint8_t* c1 = codes + row_start[o + 1];
+  const uint8_t* c2 = codes + row_start[o + 2];
+  const uint8_t* c3 = codes + row_start[o + 3];
+  __m512 a0[NV], a1[NV], a2[NV], a3[NV];
+  for (int v = 0; v < NV; ++v) {
+    a0[v] = _mm512_setzero_ps();
+    a1[v] = _mm512_setzero_ps();
+    a2[v] = _mm512_setzero_ps();
+    a3[v] = _mm512_setzero_ps();
+  }
+  in += 16 * v0;
+  int64_t cur = -1;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const uint32_t g = gp[j];
+    if (SQZ_UNLIKELY(g == kFillerGap)) {
+      cur += kFillerGap;
+      continue;
+    }
+    cur += g + 1;
+    const float* p = in + tab[cur];
+    const __m512 w0 = _mm512_set1_ps(cb[c0[j]]), w1 = _mm512_set1_ps(cb[c1[j]]);
+    const __m512 w2 = _mm512_set1_ps(cb[c2[j]]), w3 = _mm512_set1_ps(cb[c3[j]]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x = _mm512_loadu_ps(p + 16 * v);
+      a0[v] = _mm512_fmadd_ps(w0, x, a0[v]);
+      a1[v] = _mm512_fmadd_ps(w1, x, a1[v]);
+      a2[v] = _mm512_fmadd_ps(w2, x, a2[v]);
+      a3[v] = _mm512_fmadd_ps(w3, x, a3[v]);
+    }
+  }
+  if (qo.td) {
+    store_direct<NV>(a0, qo.td, o, v0);
+    store_direct<NV>(a1, qo.td, o + 1, v0);
+    store_direct<NV>(a2, qo.td, o + 2, v0);
+    store_direct<NV>(a3, qo.td, o + 3, v0);
+    return;
+  }
+  float* p = qo.out + 16 * v0;
+  for (int v = 0; v < NV; ++v) {
+    _mm512_storeu_ps(p + 16 * v, a0[v]);
+    _mm512_storeu_ps(p + qo.ld + 16 * v, a1[v]);
+    _mm512_storeu_ps(p + 2 * qo.ld + 16 * v, a2[v]);
+    _mm512_storeu_ps(p + 3 * qo.ld + 16 * v, a3[v]);
+  }
+}
+
+// A whole-vector tile of NV vectors for quad o..o+3, in chunks of <= 6 vectors of near-equal
+// size (16 -> 6 + 5 + 5, 13 -> 5 + 4 + 4): each chunk walks the quad's stream once.
+template <int NV, int V0 = 0>
+__attribute__((always_inline)) inline void quad_tile(const float* in, const uint8_t* gp,
+                                                     const uint8_t* codes, const int64_t* row_start,
+                                                     int64_t cnt, const int32_t* tab, const float* cb,
+                                                     int64_t o, const QuadOut& qo) {
+  constexpr int left = NV - V0;
+  if constexpr (left > 0) {
+    constexpr int chunks = (left + 5) / 6;
+    constexpr int c = (left + chunks - 1) / chunks;
+    quad_chunk<c>(in, gp, codes, row_start, cnt, tab, cb, V0, o, qo);
+    quad_tile<NV, V0 + c>(in, gp, codes, row_start, cnt, tab, cb, o, qo);
+  }
+}
+
 // All rows [o0, o1) of one whole-vector tile whose finished tiles the kernel stores itself (td): one
 // call per tile instead of two (dispatch + kernel) per row, with the tile kernel inlined into the
 // row loop. Layers with few entries per row (conv1: 9 at 33 % density, 3 at 10 %; small 1x1
-// expands) spent as much time in the per-row calls as in the multiply-adds.
+// expands) spent as much time in the per-row calls as in the multiply-adds. Shared quads (may be
+// null) run the quad kernel.
 template <int NV>
 __attribute__((noinline)) void rows_avx512_t(const float* in, const uint8_t* gaps, const uint8_t* codes,
                                             const int64_t* row_start, const int32_t* tab,
                                             const float* cb, int64_t o0, int64_t o1,
-                                            const TileDst<float>* td) {
-  for (int64_t o = o0; o < o1; ++o) {
+                                            const TileDst<float>* td, const uint8_t* quads) {
+  for (int64_t o = o0; o < o1;) {
     const int64_t rs = row_start[o];
+    if (is_quad(quads, o, o1)) {
+      quad_tile<NV>(in, gaps + rs, codes, row_start, row_start[o + 1] - rs, tab, cb, o,
+                    QuadOut{td, nullptr, 0});
+      o += 4;
+      continue;
+    }
     tile_avx512_full<NV>(in, gaps + rs, codes + rs, row_start[o + 1] - rs, -1, kNoBound, tab, cb,
                          16 * NV, nullptr, false, td, o);
+    ++o;
   }
 }
 
 using RowsFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*, const int32_t*,
-                        const float*, int64_t, int64_t, const TileDst<float>*);
+                        const float*, int64_t, int64_t, const TileDst<float>*, const uint8_t*);
 
 template <std::size_t... I>
 constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>) {
@@ -307,6 +428,27 @@ constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>)
 // The rows kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline RowsFn rows_avx512(int len) {
   static constexpr auto fns = rows_table(std::make_index_sequence<kMaxTile / 16>());
+  return len % 16 == 0 && len >= 16 && len <= kMaxTile ? fns[len / 16 - 1] : nullptr;
+}
+
+// One quad of a whole-vector tile into rows out + r * ld (the partial-tile buffer of
+// channels-last layers).
+using QuadFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*, int64_t,
+                        const int32_t*, const float*, int64_t, const QuadOut&);
+
+template <int NV>
+void quad_tile_t(const float* in, const uint8_t* gp, const uint8_t* codes, const int64_t* row_start,
+                 int64_t cnt, const int32_t* tab, const float* cb, int64_t o, const QuadOut& qo) {
+  quad_tile<NV>(in, gp, codes, row_start, cnt, tab, cb, o, qo);
+}
+
+template <std::size_t... I>
+constexpr std::array<QuadFn, sizeof...(I)> quad_table(std::index_sequence<I...>) {
+  return {{&quad_tile_t<static_cast<int>(I) + 1>...}};
+}
+
+inline QuadFn quad_avx512(int len) {
+  static constexpr auto fns = quad_table(std::make_index_sequence<kMaxTile / 16>());
   return len % 16 == 0 && len >= 16 && len <= kMaxTile ? fns[len / 16 - 1] : nullptr;
 }
 #endif
@@ -374,6 +516,8 @@ struct Rows {
   // input channels), nblocks in all; 0 = one block.
   int64_t block_pos = 0;
   int64_t nblocks = 1;
+  // Shared row quads (see shared_quads), or null: only the AVX-512 float kernels read it.
+  const uint8_t* quads = nullptr;
 };
 
 template <typename T>
@@ -399,6 +543,15 @@ inline Kernel<float> select_kernel<float>(Isa isa) {
 #endif
   (void)isa;
   return {&tile_scalar<float>, 16, false, false};
+}
+
+// Sets L.quads for the AVX-512 float kernels when at least one quad of the O rows shares its
+// pattern (unstructured layers keep null and pay nothing per row); `keep` owns the flags.
+template <typename T>
+inline void find_quads(Rows<T>& L, int64_t O, const Kernel<T>& k, std::vector<uint8_t>& keep) {
+  if (!std::is_same<T, float>::value || !k.wide || !quads_enabled()) return;
+  keep = shared_quads(L.gaps, L.row_start, O);
+  if (std::find(keep.begin(), keep.end(), uint8_t(1)) != keep.end()) L.quads = keep.data();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -769,9 +922,29 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
     if constexpr (std::is_same<T, float>::value) {
       if (L.nblocks <= 1 && dst && k.wide) {  // dst: the kernel is direct
         if (const RowsFn rf = rows_avx512(len)) {
-          rf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, dst);
+          rf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, dst, L.quads);
           continue;
         }
+      }
+      const QuadFn qf = L.quads && k.wide ? quad_avx512(len) : nullptr;
+      if (L.nblocks <= 1 && rowblocks && qf) {  // channels-last output: quads into `part`
+        const size_t rows = static_cast<size_t>(o1 - o0);
+        if (part.size() < rows * step) part.resize(rows * step);
+        for (int64_t o = o0; o < o1;) {
+          const int64_t rs = L.row_start[o];
+          T* p = part.data() + (o - o0) * step;
+          if (is_quad(L.quads, o, o1)) {
+            qf(in + q0, L.gaps + rs, L.codes, L.row_start, L.row_start[o + 1] - rs, L.table, L.cb, o,
+               QuadOut{nullptr, p, step});
+            o += 4;
+            continue;
+          }
+          k.fn(in + q0, L.gaps + rs, L.codes + rs, L.row_start[o + 1] - rs, -1, kNoBound, L.table,
+               L.cb, len, p, false, nullptr, o);
+          ++o;
+        }
+        sink.store_rows(part.data(), step, q0, len, o0, o1);
+        continue;
       }
     }
 #endif

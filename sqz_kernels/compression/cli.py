@@ -38,7 +38,7 @@ def cmd_compress(args) -> int:
             _load_weights(model, args.weights)
         model.eval()
         report = api.compress(model, density=args.density, bits=args.bits, preset=args.preset,
-                              init=args.init, index_bits=args.index_bits,
+                              init=args.init, block=args.block, index_bits=args.index_bits,
                               codebook_dtype=args.codebook_dtype, progress=not args.quiet)
         report.file_bytes = container.save(model, args.output, index_bits=args.index_bits,
                                            codebook_dtype=args.codebook_dtype)
@@ -88,6 +88,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--bits", type=int, default=None, help="codebook bits 1-8")
     p.add_argument("--preset", choices=("squeezenet", "paper"), default="squeezenet")
     p.add_argument("--init", choices=("linear", "density", "random"), default="linear")
+    p.add_argument("--block", type=int, default=1,
+                   help="prune blocks of this many output channels together (1: unstructured; 4: "
+                        "row quads, faster kernels)")
     p.add_argument("--index-bits", type=_index_bits, default="auto",
                    help="stored gap width 1-8 or 'auto' (per layer, smallest)")
     p.add_argument("--codebook-dtype", choices=("float32", "float16"), default="float32")

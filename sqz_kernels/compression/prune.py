@@ -20,10 +20,25 @@ def _check_density(d, what="density") -> float:
     return float(d)
 
 
-def magnitude_mask(weight: Tensor, density: float, current: Optional[Tensor] = None) -> Tensor:
+def _check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    return block
+
+
+def magnitude_mask(weight: Tensor, density: float, current: Optional[Tensor] = None,
+                   block: int = 1) -> Tensor:
     """Bool mask keeping the round(density * numel) largest-|w| weights (at least 1). With
-    `current`, only weights it keeps are candidates (pruning never revives a weight)."""
+    `current`, only weights it keeps are candidates (pruning never revives a weight).
+
+    block > 1 prunes blocks of `block` consecutive output channels (rows of weight.reshape(O, -1))
+    at the same input position together, ranked by the block's L2 norm: the rows of a block share
+    one sparsity pattern, which the codebook kernels run as row quads (block=4: one input load
+    feeds four multiply-adds). A last block of fewer than `block` rows is a block of its own."""
     density = _check_density(density)
+    block = _check_block(block)
+    if block > 1 and weight.dim() >= 2 and weight.shape[0] > 1:
+        return _block_mask(weight, density, current, block)
     n = weight.numel()
     keep = max(1, int(round(density * n))) if n else 0
     mag = weight.detach().abs().reshape(-1).double()
@@ -37,6 +52,26 @@ def magnitude_mask(weight: Tensor, density: float, current: Optional[Tensor] = N
         idx = torch.sort(mag, descending=True, stable=True).indices[:keep]
         mask[idx] = True
     return mask.reshape(weight.shape)
+
+
+def _block_mask(weight: Tensor, density: float, current: Optional[Tensor], block: int) -> Tensor:
+    O = weight.shape[0]
+    w2 = weight.detach().reshape(O, -1).double() ** 2
+    K = w2.shape[1]
+    G = (O + block - 1) // block
+    pad = G * block - O
+    score = torch.cat([w2, w2.new_zeros(pad, K)]).reshape(G, block, K).sum(1).reshape(-1)
+    keep = max(1, int(round(density * G * K)))
+    if current is not None:
+        cur = current.reshape(O, -1)
+        cand = torch.cat([cur, cur.new_ones(pad, K)]).reshape(G, block, K).all(1).reshape(-1)
+        keep = min(keep, int(cand.sum()))
+        score = torch.where(cand, score, torch.full_like(score, -1.0))
+    bm = torch.zeros(G * K, dtype=torch.bool, device=weight.device)
+    if keep:
+        bm[torch.sort(score, descending=True, stable=True).indices[:keep]] = True
+    rows = bm.reshape(G, 1, K).expand(G, block, K).reshape(G * block, K)[:O]
+    return rows.reshape(weight.shape).clone()
 
 
 class MaskHold:
@@ -81,14 +116,16 @@ def density_schedule(target: float, steps: int) -> List[float]:
 def prune_(modules: Dict[str, nn.Module], density: Dict[str, float],
            schedule: Optional[Union[int, Iterable[float]]] = None,
            train_step: Optional[Callable[[nn.Module], None]] = None,
-           model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
+           model: Optional[nn.Module] = None, block: int = 1) -> Dict[str, Tensor]:
     """Prune the `.weight` of each module to its density, in place; return the masks.
+    block: see magnitude_mask (1 = unstructured, Deep Compression's own pruning).
 
     schedule: None (one shot), an int number of steps, or fractions of the way in density
     space as a list (e.g. [0.7, 0.5, 0.33] for a 0.33 target means those global levels; each
     layer scales them by its own target). `train_step(model)` runs after each step with the
     masks held (retraining), and `model` is what it receives."""
     masks: Dict[str, Tensor] = {}
+    block = _check_block(block)
     if schedule is None:
         levels = [1.0]                                  # fraction of the way: all at once
     elif isinstance(schedule, int) and not isinstance(schedule, bool):
@@ -107,7 +144,7 @@ def prune_(modules: Dict[str, nn.Module], density: Dict[str, float],
         for name, mod in modules.items():
             d = _check_density(density[name], f"density[{name!r}]")
             step_d = d ** frac                          # geometric path from 1 to d
-            masks[name] = magnitude_mask(mod.weight, step_d, masks.get(name))
+            masks[name] = magnitude_mask(mod.weight, step_d, masks.get(name), block)
             with torch.no_grad():
                 mod.weight.mul_(masks[name].to(mod.weight.dtype))
         if train_step is not None:

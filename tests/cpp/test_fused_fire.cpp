@@ -4,6 +4,9 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
+
+#include "cpu/codebook_spmm.h"
 
 namespace {
 
@@ -27,9 +30,29 @@ void check(bool ok, const std::string& what) {
   if (!ok) ++failures;
 }
 
+// Row quads (codebook kernels): found only where four aligned rows hold byte-equal gap streams.
+void test_shared_quads() {
+  // rows 0-3 share {2, 5}; rows 4-7 too except row 6 ({2, 6}); rows 8-11 are empty; 12-13 ragged
+  std::vector<uint8_t> gaps;
+  std::vector<int64_t> rs = {0};
+  auto row = [&](std::vector<uint8_t> g) {
+    gaps.insert(gaps.end(), g.begin(), g.end());
+    rs.push_back(static_cast<int64_t>(gaps.size()));
+  };
+  for (int r = 0; r < 4; ++r) row({2, 5});
+  for (int r = 4; r < 8; ++r) row(r == 6 ? std::vector<uint8_t>{2, 6} : std::vector<uint8_t>{2, 5});
+  for (int r = 8; r < 12; ++r) row({});
+  row({1});
+  row({1});
+  const auto q = sqz::codebook::shared_quads(gaps.data(), rs.data(), 14);
+  check(q.size() == 3 && q[0] == 1 && q[1] == 0 && q[2] == 0,
+        "shared_quads: one shared quad, one broken by a row, an empty quad, a ragged tail");
+}
+
 }  // namespace
 
 int main() {
+  test_shared_quads();
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("sqz_kernels::fused_fire", "")
                 .typed<FireFn>();

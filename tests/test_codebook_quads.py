@@ -1,0 +1,103 @@
+"""Row quads: streams whose rows 4g..4g+3 share one pattern (block-pruned layers) run the quad
+kernel (one input load, four multiply-adds). Same float64 reference as every codebook test; the
+streams mix shared quads with single rows (an empty row, a filler row, ragged O), and the thread
+splits cut quads apart."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sqz_kernels  # noqa: F401
+from sqz_kernels import codebook_ops as co
+
+sys.path.insert(0, os.path.dirname(__file__))
+from codebook_helpers import args, make_layer  # noqa: E402
+from test_codebook_kernels import _close, _conv_ref, _fire_ref, _poison  # noqa: E402
+
+CONV_CASES = [
+    # C, O, k, stride, pad, H, W
+    (32, 128, (3, 3), (1, 1), (1, 1), 27, 27),   # SqueezeNet 1.1 fire4.expand3x3
+    (64, 32, (1, 1), (1, 1), (0, 0), 13, 13),
+    (3, 64, (3, 3), (2, 2), (0, 0), 45, 45),     # conv1-like, stride 2
+    (48, 18, (3, 3), (1, 1), (1, 1), 13, 13),    # O % 4 == 2: a ragged last quad
+    (300, 12, (1, 1), (1, 1), (0, 0), 5, 7),     # K > 255: fillers inside a shared quad
+    (8, 20, (3, 3), (1, 1), (1, 1), 3, 70),      # wide rows: tiles of several chunk sizes
+    (5, 9, (7, 7), (2, 2), (3, 3), 17, 17),
+]
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"C{c[0]}O{c[1]}k{c[2][0]}s{c[3][0]}_{c[5]}x{c[6]}")
+@pytest.mark.parametrize("density", [0.33, 0.1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_quads_match_reference(case, density, channels_last, threads):
+    C, O, k, s, p, H, W = case
+    L = make_layer(O, C * k[0] * k[1], density, bits=6, seed=O + C, force_fillers=True, quads=True)
+    x = torch.randn(2, C, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    Ho = (H + 2 * p[0] - k[0]) // s[0] + 1
+    Wo = (W + 2 * p[1] - k[1]) // s[1] + 1
+    _poison((2, O, Ho, Wo), torch.float32)
+    y = co.codebook_conv2d(x, *args(L), k, s, p, True)
+    _close(y, _conv_ref(x, L, C, k, s, p, True))
+
+
+def test_quads_on_every_isa(cpu_isa):
+    # the AVX2 / scalar kernels walk a quad stream row by row
+    C, O, k, s, p, H, W = CONV_CASES[0]
+    L = make_layer(O, C * 9, 0.33, bits=5, seed=3, quads=True)
+    x = torch.randn(1, C, H, W)
+    _close(co.codebook_conv2d(x, *args(L), k, s, p, False), _conv_ref(x, L, C, k, s, p, False))
+
+
+def test_linear_quads():
+    L = make_layer(1000, 512, 0.33, bits=6, seed=5, quads=True)
+    x = torch.randn(3, 512)
+    y = co.codebook_linear(x, *args(L), relu=True)
+    ref = F.relu(F.linear(x.double(), L["dense"], L["bias"].double()))
+    _close(y, ref)
+
+
+FIRE_CASES = [
+    (64, 16, 64, 64, 55, 55),     # SqueezeNet 1.1 fire2
+    (256, 48, 192, 192, 13, 13),  # fire6
+    (40, 10, 6, 14, 9, 11),       # ragged quads in every layer
+    (64, 32, 16, 48, 6, 40),      # K(e3) = 288: fillers
+]
+
+
+@pytest.mark.parametrize("case", FIRE_CASES, ids=lambda c: "_".join(map(str, c)))
+@pytest.mark.parametrize("density", [0.33, 0.1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_fire_quads_match_reference(case, density, channels_last, threads):
+    C, S, E1, E3, H, W = case
+    layers = (make_layer(S, C, density, 6, seed=1, quads=True),
+              make_layer(E1, S, density, 6, seed=2, quads=True),
+              make_layer(E3, 9 * S, density, 6, seed=3, quads=True, force_fillers=True))
+    x = torch.randn(1, C, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _poison((1, E1 + E3, H, W), torch.float32)
+    y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+    _close(y, _fire_ref(x, layers))
+
+
+def test_quads_off_switch_gives_the_same_result(monkeypatch):
+    # SQZ_QUADS=0 (A/B measurements) runs the row kernel on the same stream
+    C, O, k, s, p, H, W = CONV_CASES[0]
+    L = make_layer(O, C * 9, 0.33, bits=6, seed=9, quads=True)
+    x = torch.randn(1, C, H, W)
+    y_on = co.codebook_conv2d(x, *args(L), k, s, p, True)
+    monkeypatch.setenv("SQZ_QUADS", "0")
+    y_off = co.codebook_conv2d(x, *args(L), k, s, p, True)
+    torch.testing.assert_close(y_on, y_off, rtol=1e-5, atol=1e-5)
