@@ -28,6 +28,12 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def quads_on_short_rows(monkeypatch):
+    # by default only rows of >= 16 entries run as quads; the small test layers would skip them
+    monkeypatch.setenv("SQZ_QUAD_MIN_ENTRIES", "1")
+
+
 @pytest.fixture(params=[1, 2, 3])
 def threads(request):
     n = torch.get_num_threads()
@@ -101,3 +107,15 @@ def test_quads_off_switch_gives_the_same_result(monkeypatch):
     monkeypatch.setenv("SQZ_QUADS", "0")
     y_off = co.codebook_conv2d(x, *args(L), k, s, p, True)
     torch.testing.assert_close(y_on, y_off, rtol=1e-5, atol=1e-5)
+
+
+def test_default_threshold_mixes_quads_and_rows(monkeypatch):
+    # the default threshold (16 entries) makes the quads of a layer with uneven rows a mix of
+    # quad-kernel and row-kernel quads
+    monkeypatch.delenv("SQZ_QUAD_MIN_ENTRIES")
+    C, O, k, s, p, H, W = CONV_CASES[0]
+    L = make_layer(O, C * 9, 0.06, bits=6, seed=4, quads=True)  # ~17 entries per row, uneven
+    counts = L["row_counts"][: O // 4 * 4].reshape(-1, 4)[:, 0]
+    assert (counts >= 16).any() and (counts < 16).any()
+    x = torch.randn(1, C, H, W)
+    _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, k, s, p, True))

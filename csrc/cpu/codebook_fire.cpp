@@ -98,7 +98,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // recompute two squeeze rows and halve the expand tiles (A/B, 1 thread: 6-8 % faster; 55x55
   // maps were 13 % slower with the larger budget). Threads still split such maps into bands:
   // splitting output channels instead recomputes the whole squeeze per thread (1.5x slower).
-  const int64_t band_bytes = H * P <= k.tile ? 2 * kFireBandBytes : kFireBandBytes;
+  const char* env_band = std::getenv("SQZ_FIRE_BAND_BYTES");  // tuning override
+  const int64_t budget = env_band ? std::max<int64_t>(1, std::atoll(env_band)) : kFireBandBytes;
+  const int64_t band_bytes = H * P <= k.tile ? 2 * budget : budget;
   const int64_t bmax = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
   int64_t nb = ceil_div(H, bmax);
   if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, std::max<int64_t>(N, 1)));

@@ -139,12 +139,13 @@ __attribute__((always_inline)) inline Walk walk_pairs(const uint8_t* gp, int64_t
 }
 
 // quads[g] != 0: rows 4g..4g+3 of a validated stream share their positions (equal counts, equal
-// gap bytes) and hold at least one entry. O(E) byte compares per call.
-inline std::vector<uint8_t> shared_quads(const uint8_t* gaps, const int64_t* row_start, int64_t O) {
+// gap bytes) and hold at least min_entries (>= 1) entries each. O(E) byte compares per call.
+inline std::vector<uint8_t> shared_quads(const uint8_t* gaps, const int64_t* row_start, int64_t O,
+                                         int64_t min_entries = 1) {
   std::vector<uint8_t> q(static_cast<size_t>(O / 4), 0);
   for (int64_t g = 0; g < O / 4; ++g) {
     const int64_t o = 4 * g, n = row_start[o + 1] - row_start[o];
-    bool same = n > 0;
+    bool same = n >= std::max<int64_t>(1, min_entries);
     for (int r = 1; r < 4 && same; ++r)
       same = row_start[o + r + 1] - row_start[o + r] == n &&
              std::memcmp(gaps + row_start[o], gaps + row_start[o + r], static_cast<size_t>(n)) == 0;
@@ -157,6 +158,16 @@ inline std::vector<uint8_t> shared_quads(const uint8_t* gaps, const int64_t* row
 inline bool quads_enabled() {
   const char* e = std::getenv("SQZ_QUADS");
   return !(e && e[0] == '0');
+}
+
+// Entries a row of a quad needs before the quad kernel pays: each chunk call has a fixed cost
+// (accumulators set up and stored, the stream walked once per chunk) that short rows do not
+// amortise. Same-process A/B, SqueezeNet 1.1 layers at 2 threads: rows of 5-11 entries (conv1,
+// the 1x1 expands of the 55x55 / 27x27 Fires) were 7-16 % slower as quads, 16-21 entries even,
+// 42 / 47 entries 13 % / 22 % faster. SQZ_QUAD_MIN_ENTRIES overrides it (tests force 1).
+inline int64_t quad_min_entries() {
+  const char* e = std::getenv("SQZ_QUAD_MIN_ENTRIES");
+  return e ? std::max<int64_t>(1, std::atoll(e)) : 16;
 }
 
 // True if rows o..o+3 form a shared quad that lies inside [o, o1).
@@ -334,13 +345,14 @@ __attribute__((noinline)) void quad_chunk(const float* in, const uint8_t* gp, co
   const uint8_t* c1 = codes + row_start[o + 1];
   const uint8_t* c2 = codes + row_start[o + 2];
   const uint8_t* c3 = codes + row_start[o + 3];
+  // GCC keeps these arrays on the stack outside the loop. Zeroed with setzero it fills them with
+  // 32-byte stores that the 64-byte reloads can not forward from (~20 stalls per call, ~20 % of
+  // the kernel's time on short streams); a zero GCC can not prove (mask = cnt >> 63, always 0 for
+  // a count) is stored as whole vectors instead.
+  const __mmask16 k0 = static_cast<__mmask16>(static_cast<uint64_t>(cnt) >> 63);
+  const __m512 zero = _mm512_maskz_mov_ps(k0, _mm512_set1_ps(1.f));
   __m512 a0[NV], a1[NV], a2[NV], a3[NV];
-  for (int v = 0; v < NV; ++v) {
-    a0[v] = _mm512_setzero_ps();
-    a1[v] = _mm512_setzero_ps();
-    a2[v] = _mm512_setzero_ps();
-    a3[v] = _mm512_setzero_ps();
-  }
+  for (int v = 0; v < NV; ++v) a0[v] = a1[v] = a2[v] = a3[v] = zero;
   in += 16 * v0;
   int64_t cur = -1;
   for (int64_t j = 0; j < cnt; ++j) {
@@ -550,7 +562,7 @@ inline Kernel<float> select_kernel<float>(Isa isa) {
 template <typename T>
 inline void find_quads(Rows<T>& L, int64_t O, const Kernel<T>& k, std::vector<uint8_t>& keep) {
   if (!std::is_same<T, float>::value || !k.wide || !quads_enabled()) return;
-  keep = shared_quads(L.gaps, L.row_start, O);
+  keep = shared_quads(L.gaps, L.row_start, O, quad_min_entries());
   if (std::find(keep.begin(), keep.end(), uint8_t(1)) != keep.end()) L.quads = keep.data();
 }
 

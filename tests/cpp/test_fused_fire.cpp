@@ -47,6 +47,8 @@ void test_shared_quads() {
   const auto q = sqz::codebook::shared_quads(gaps.data(), rs.data(), 14);
   check(q.size() == 3 && q[0] == 1 && q[1] == 0 && q[2] == 0,
         "shared_quads: one shared quad, one broken by a row, an empty quad, a ragged tail");
+  const auto q3 = sqz::codebook::shared_quads(gaps.data(), rs.data(), 14, 3);
+  check(q3.size() == 3 && q3[0] == 0, "shared_quads: rows shorter than min_entries are no quad");
 }
 
 }  // namespace
