@@ -5,6 +5,7 @@ Trains SqueezeNet 1.0 (num_classes=10) from scratch (25 epochs), then compresses
   quantization only   6-bit codebooks on all weights, centroids fine-tuned 5 epochs
   Deep Compression    the pruned net -> 6-bit k-means -> centroid fine-tuning -> .sqz -> reload
 and prints held-out accuracy and sizes. Run:  python bench/compress_digits.py [--size 32 --epochs 25]
+(--block 4: prune blocks of 4 output channels together, the layout the kernels run as row quads).
 """
 import argparse
 import copy
@@ -106,7 +107,7 @@ def trained_base(size, epochs, lr, seed, cache=None, log=print):
 
 
 def run(size=32, epochs=25, prune_epochs=20, ft_epochs=5, lr=2e-3, prune_lr=1e-3, ft_lr=1e-4,
-        density=0.33, bits=6, seed=0, cache=None, log=print):
+        density=0.33, bits=6, seed=0, cache=None, log=print, block=1):
     from sqz_kernels import compression as C
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = digits_tensors(size, seed)
@@ -125,11 +126,12 @@ def run(size=32, epochs=25, prune_epochs=20, ft_epochs=5, lr=2e-3, prune_lr=1e-3
     pruned = copy.deepcopy(base)
     layers, _, _ = C.compressible_layers(pruned)
     from sqz_kernels.compression.prune import prune_
-    prune_(layers, {n: density for n in layers})
-    rows.append((f"pruned {density:.0%}, no retrain", accuracy(pruned, xte, yte), None))
+    prune_(layers, {n: density for n in layers}, block=block)
+    how = "" if block == 1 else f" (blocks of {block})"
+    rows.append((f"pruned {density:.0%}{how}, no retrain", accuracy(pruned, xte, yte), None))
     with C.MaskHold(layers, {n: l.weight != 0 for n, l in layers.items()}):
         ft(prune_epochs, prune_lr)(pruned)
-    rows.append((f"pruned {density:.0%} + retrain ({prune_epochs} ep)", accuracy(pruned, xte, yte), None))
+    rows.append((f"pruned {density:.0%}{how} + retrain ({prune_epochs} ep)", accuracy(pruned, xte, yte), None))
 
     # quantization only: every weight kept, shared centroids, fine-tuned
     m = copy.deepcopy(base)
@@ -141,14 +143,14 @@ def run(size=32, epochs=25, prune_epochs=20, ft_epochs=5, lr=2e-3, prune_lr=1e-3
     # Deep Compression: the pruned+retrained net (its zeros are exactly the 67 % that
     # compress() would prune) -> k-means -> centroid fine-tuning -> .sqz -> fresh model
     m = copy.deepcopy(pruned)
-    rep = C.compress(m, density=density, bits=bits, progress=False)
-    rows.append((f"{density:.0%} + {bits}-bit, no centroid fine-tune", accuracy(m, xte, yte), None))
+    rep = C.compress(m, density=density, bits=bits, progress=False, block=block)
+    rows.append((f"{density:.0%}{how} + {bits}-bit, no centroid fine-tune", accuracy(m, xte, yte), None))
     ft(ft_epochs, ft_lr)(m)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "digits.sqz")
         nbytes = C.save(m, path)
         m2 = C.load(path, make_model())
-    rows.append((f"{density:.0%} + {bits}-bit + fine-tune, from .sqz", accuracy(m2, xte, yte), nbytes))
+    rows.append((f"{density:.0%}{how} + {bits}-bit + fine-tune, from .sqz", accuracy(m2, xte, yte), nbytes))
     log(f"{'model':<44}{'top-1 %':>9}{'delta':>8}")
     for name, acc, nb in rows:
         extra = f"   file {nb} B" if nb else ""
@@ -170,8 +172,9 @@ if __name__ == "__main__":
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--block", type=int, default=1, help="prune blocks of this many output channels")
     ap.add_argument("--cache", help="a .safetensors file for the trained dense model (reused if present)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     run(a.size, a.epochs, a.prune_epochs, a.ft_epochs, a.lr, a.prune_lr, a.ft_lr, seed=a.seed,
-        cache=a.cache)
+        cache=a.cache, block=a.block)
