@@ -40,3 +40,19 @@ def test_errors_exit_nonzero(tmp_path, capsys):
     assert "invalid .sqz file" in capsys.readouterr().err
     assert run(["compress", "--density", "1.5", "-o", str(tmp_path / "x.sqz"), "-q"]) == 2
     assert "density" in capsys.readouterr().err
+
+
+def test_compress_block_option(tmp_path, capsys):
+    from sqz_kernels.codebook import CodebookConv2d
+    from sqz_kernels.compression import load
+    import sqz_kernels as sk
+    out = tmp_path / "q.sqz"
+    assert run(["compress", "--arch", "squeezenet1_1", "--num-classes", "10", "--block", "4",
+                "-o", str(out), "-q"]) == 0
+    m = load(out, sk.models.squeezenet1_1(num_classes=10))
+    conv = m.features[3].expand3x3
+    assert isinstance(conv, CodebookConv2d)
+    counts = conv.row_counts.tolist()
+    assert counts[0::4] == counts[1::4] == counts[2::4] == counts[3::4]   # blocks of 4 rows
+    assert run(["compress", "--block", "0", "-o", str(tmp_path / "x.sqz"), "-q"]) == 2
+    assert "block" in capsys.readouterr().err
