@@ -160,14 +160,14 @@ inline bool quads_enabled() {
   return !(e && e[0] == '0');
 }
 
-// Entries a row of a quad needs before the quad kernel pays: each chunk call has a fixed cost
+// Entries a row of a quad needs before the quad kernel pays: each chunk has a fixed cost
 // (accumulators set up and stored, the stream walked once per chunk) that short rows do not
-// amortise. Same-process A/B, SqueezeNet 1.1 layers at 2 threads: rows of 5-11 entries (conv1,
-// the 1x1 expands of the 55x55 / 27x27 Fires) were 7-16 % slower as quads, 16-21 entries even,
-// 42 / 47 entries 13 % / 22 % faster. SQZ_QUAD_MIN_ENTRIES overrides it (tests force 1).
+// amortise. Same-process A/B (quads on / off), SqueezeNet 1.1 layers, 1 thread: rows of 5.6
+// entries (fire2.expand1x1) 0.97-1.00x, 9-11 entries (conv1, fire4.expand1x1) 1.04-1.07x,
+// 16-21 entries 1.05-1.17x, 47 entries 1.37-1.45x. SQZ_QUAD_MIN_ENTRIES overrides it (tests force 1).
 inline int64_t quad_min_entries() {
   const char* e = std::getenv("SQZ_QUAD_MIN_ENTRIES");
-  return e ? std::max<int64_t>(1, std::atoll(e)) : 16;
+  return e ? std::max<int64_t>(1, std::atoll(e)) : 8;
 }
 
 // True if rows o..o+3 form a shared quad that lies inside [o, o1).
@@ -335,9 +335,11 @@ struct QuadOut {
 };
 
 // Vectors [v0, v0 + NV) of a tile for rows o..o+3: 4 * NV accumulators + 4 broadcast weights
-// (NV <= 6 keeps them within the 32 zmm registers).
+// (NV <= 6 keeps them within the 32 zmm registers). Inlined into the rows loop: as a called
+// function its fixed cost per call made quads of short rows (conv1: 9 entries) 15-18 % slower
+// than the row kernel; inlined they are even (A/B of the two builds, 1 thread).
 template <int NV>
-__attribute__((noinline)) void quad_chunk(const float* in, const uint8_t* gp, const uint8_t* codes,
+__attribute__((always_inline)) inline void quad_chunk(const float* in, const uint8_t* gp, const uint8_t* codes,
                                           const int64_t* row_start, int64_t cnt, const int32_t* tab,
                                           const float* cb, int v0, int64_t o, const QuadOut& qo) {
   static_assert(NV >= 1 && NV <= 6, "4 x NV accumulators must fit the registers");
