@@ -119,3 +119,24 @@ def test_default_threshold_mixes_quads_and_rows(monkeypatch):
     assert (counts >= 8).any() and (counts < 8).any()
     x = torch.randn(1, C, H, W)
     _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, k, s, p, True))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quads_with_forced_k_blocking(channels_last, monkeypatch):
+    # K-blocked layers walk rows block by block with the row kernel: quads must step aside
+    monkeypatch.setenv("SQZ_KBLOCK_BYTES", "1")
+    monkeypatch.setenv("SQZ_KBLOCK_MIN_ENTRIES", "0")
+    C, O, k, s, p, H, W = CONV_CASES[0]
+    L = make_layer(O, C * 9, 0.33, bits=6, seed=7, quads=True)
+    x = torch.randn(1, C, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, k, s, p, True))
+    layers = (make_layer(16, 64, 0.33, 6, seed=1, quads=True),
+              make_layer(32, 16, 0.33, 6, seed=2, quads=True),
+              make_layer(32, 144, 0.33, 6, seed=3, quads=True))
+    xf = torch.randn(1, 64, 9, 9)
+    if channels_last:
+        xf = xf.to(memory_format=torch.channels_last)
+    y = co.codebook_fused_fire(xf, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+    _close(y, _fire_ref(xf, layers))
