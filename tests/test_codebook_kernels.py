@@ -78,15 +78,22 @@ CONV_CASES = [
 @pytest.mark.parametrize("density", [1.0, 0.33, 0.1, 0.0])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv2d_matches_reference(case, density, channels_last, isa):
-    C, O, k, s, p, H, W = case
+    C, O, k = case[:3]
     L = make_layer(O, C * k[0] * k[1], density, bits=6, seed=hash(case) % 1000, force_fillers=True)
+    check_conv_case(case, L, channels_last)
+
+
+def check_conv_case(case, L, channels_last, relus=(True, False)):
+    """codebook_conv2d of layer L on a fresh [2, C, H, W] input (NaN-poisoned output memory) ==
+    the float64 reference, in x's memory format; shared with test_codebook_quads.py."""
+    C, O, k, s, p, H, W = case
     x = torch.randn(2, C, H, W)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     Ho = (H + 2 * p[0] - k[0]) // s[0] + 1
     Wo = (W + 2 * p[1] - k[1]) // s[1] + 1
     _poison((2, O, Ho, Wo), torch.float32)
-    for relu in (True, False):
+    for relu in relus:
         y = co.codebook_conv2d(x, *args(L), k, s, p, relu)
         assert y.shape == (2, O, Ho, Wo)
         if channels_last and not x.is_contiguous():

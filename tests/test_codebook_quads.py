@@ -14,7 +14,7 @@ from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
-from test_codebook_kernels import _close, _conv_ref, _fire_ref, _poison  # noqa: E402
+from test_codebook_kernels import _close, _conv_ref, _fire_ref, _poison, check_conv_case  # noqa: E402
 
 CONV_CASES = [
     # C, O, k, stride, pad, H, W
@@ -46,16 +46,9 @@ def threads(request):
 @pytest.mark.parametrize("density", [0.33, 0.1])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv2d_quads_match_reference(case, density, channels_last, threads):
-    C, O, k, s, p, H, W = case
+    C, O, k = case[:3]
     L = make_layer(O, C * k[0] * k[1], density, bits=6, seed=O + C, force_fillers=True, quads=True)
-    x = torch.randn(2, C, H, W)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    Ho = (H + 2 * p[0] - k[0]) // s[0] + 1
-    Wo = (W + 2 * p[1] - k[1]) // s[1] + 1
-    _poison((2, O, Ho, Wo), torch.float32)
-    y = co.codebook_conv2d(x, *args(L), k, s, p, True)
-    _close(y, _conv_ref(x, L, C, k, s, p, True))
+    check_conv_case(case, L, channels_last, relus=(True,))
 
 
 def test_quads_on_every_isa(cpu_isa):

@@ -296,6 +296,13 @@ __attribute__((always_inline)) inline Walk tile_avx512_full(
   }
 }
 
+// The entry of a table of kernels indexed by whole vectors (t[len / 16 - 1]) for a tile of len
+// pixels, or null when len is not 1..N whole vectors.
+template <class Fn, std::size_t N>
+inline Fn by_vectors(const std::array<Fn, N>& t, int len) {
+  return len % 16 == 0 && len >= 16 && len / 16 <= static_cast<int>(N) ? t[len / 16 - 1] : nullptr;
+}
+
 template <std::size_t... I>
 constexpr std::array<TileFn<float>, sizeof...(I)> full_tile_table(std::index_sequence<I...>) {
   return {{&tile_avx512_full<static_cast<int>(I) + 1>...}};
@@ -304,10 +311,8 @@ constexpr std::array<TileFn<float>, sizeof...(I)> full_tile_table(std::index_seq
 inline Walk tile_avx512(const float* in, const uint8_t* gp, const uint8_t* cp, int64_t cnt,
                         int64_t cur0, int64_t bound, const int32_t* tab, const float* cb, int len,
                         float* out, bool acc_in, const TileDst<float>* td, int64_t o) {
-  if (len % 16 == 0 && len >= 16 && len <= kMaxTile) {  // whole vectors: the aligned-layout case
-    static constexpr auto full = full_tile_table(std::make_index_sequence<kMaxTile / 16>());
-    return full[len / 16 - 1](SQZ_TILE_ARGS);
-  }
+  static constexpr auto full = full_tile_table(std::make_index_sequence<kMaxTile / 16>());
+  if (const TileFn<float> f = by_vectors(full, len)) return f(SQZ_TILE_ARGS);  // aligned layouts
   if (len > 128) return tile_avx512_wide<16, false>(SQZ_TILE_ARGS);  // not made by the layouts
   if (len > 112) return tile_avx512_wide<8, false>(SQZ_TILE_ARGS);
   if (len > 96) return tile_avx512_wide<7, false>(SQZ_TILE_ARGS);
@@ -339,18 +344,19 @@ struct QuadOut {
 // function its fixed cost per call made quads of short rows (conv1: 9 entries) 15-18 % slower
 // than the row kernel; inlined they are even (A/B of the two builds, 1 thread).
 template <int NV>
-__attribute__((always_inline)) inline void quad_chunk(const float* in, const uint8_t* gp, const uint8_t* codes,
-                                          const int64_t* row_start, int64_t cnt, const int32_t* tab,
-                                          const float* cb, int v0, int64_t o, const QuadOut& qo) {
+__attribute__((always_inline)) inline void quad_chunk(const float* in, const uint8_t* gp,
+                                                      const uint8_t* codes, const int64_t* row_start,
+                                                      int64_t cnt, const int32_t* tab, const float* cb,
+                                                      int v0, int64_t o, const QuadOut& qo) {
   static_assert(NV >= 1 && NV <= 6, "4 x NV accumulators must fit the registers");
   const uint8_t* c0 = codes + row_start[o];
   const uint8_t* c1 = codes + row_start[o + 1];
   const uint8_t* c2 = codes + row_start[o + 2];
   const uint8_t* c3 = codes + row_start[o + 3];
-  // GCC keeps these arrays on the stack outside the loop. Zeroed with setzero it fills them with
-  // 32-byte stores that the 64-byte reloads can not forward from (~20 stalls per call, ~20 % of
-  // the kernel's time on short streams); a zero GCC can not prove (mask = cnt >> 63, always 0 for
-  // a count) is stored as whole vectors instead.
+  // GCC may keep these arrays on the stack outside the loop. Zeroed with setzero it filled them
+  // with 32-byte stores that the 64-byte reloads can not forward from (~20 stalls per call, ~20 %
+  // of the samples on short streams when this was a called function); a zero GCC can not prove
+  // (mask = cnt >> 63, always 0 for a count) is stored as whole vectors instead.
   const __mmask16 k0 = static_cast<__mmask16>(static_cast<uint64_t>(cnt) >> 63);
   const __m512 zero = _mm512_maskz_mov_ps(k0, _mm512_set1_ps(1.f));
   __m512 a0[NV], a1[NV], a2[NV], a3[NV];
@@ -442,7 +448,7 @@ constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>)
 // The rows kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline RowsFn rows_avx512(int len) {
   static constexpr auto fns = rows_table(std::make_index_sequence<kMaxTile / 16>());
-  return len % 16 == 0 && len >= 16 && len <= kMaxTile ? fns[len / 16 - 1] : nullptr;
+  return by_vectors(fns, len);
 }
 
 // One quad of a whole-vector tile into rows out + r * ld (the partial-tile buffer of
@@ -461,9 +467,10 @@ constexpr std::array<QuadFn, sizeof...(I)> quad_table(std::index_sequence<I...>)
   return {{&quad_tile_t<static_cast<int>(I) + 1>...}};
 }
 
+// The quad kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline QuadFn quad_avx512(int len) {
   static constexpr auto fns = quad_table(std::make_index_sequence<kMaxTile / 16>());
-  return len % 16 == 0 && len >= 16 && len <= kMaxTile ? fns[len / 16 - 1] : nullptr;
+  return by_vectors(fns, len);
 }
 #endif
 
