@@ -30,8 +30,9 @@ def make_layer(O, K, density, bits, dtype=torch.float32, seed=0, bias=True, forc
                quads=False):
     """Random compressed layer. Returns dict(codebook, codes, gaps, row_counts, bias, dense) where
     dense is the float64 [O, K] decoded weight (oracle). quads: rows 4g..4g+3 share one random
-    pattern (a block-pruned layer), except rows 1 (empty), 0 with force_fillers, and the last
-    O % 4 rows, so shared quads and single rows alternate."""
+    pattern (a block-pruned layer); row 1 is emptied (so quad 0 is broken), force_fillers turns
+    rows 4-7 into a shared quad with fillers (row 0 without quads), and the last O % 4 rows stay
+    single, so shared quads and single rows alternate."""
     rng = np.random.default_rng(seed)
     n = 2 ** bits
     codebook = rng.standard_normal(n) * 0.5

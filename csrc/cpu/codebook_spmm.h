@@ -413,32 +413,36 @@ __attribute__((always_inline)) inline void quad_tile(const float* in, const uint
   }
 }
 
-// All rows [o0, o1) of one whole-vector tile whose finished tiles the kernel stores itself (td): one
-// call per tile instead of two (dispatch + kernel) per row, with the tile kernel inlined into the
-// row loop. Layers with few entries per row (conv1: 9 at 33 % density, 3 at 10 %; small 1x1
-// expands) spent as much time in the per-row calls as in the multiply-adds. Shared quads (may be
+// All rows [o0, o1) of one whole-vector tile: one call per tile instead of two (dispatch + kernel)
+// per row, with the tile kernel inlined into the row loop. Layers with few entries per row (conv1:
+// 9 at 33 % density, 3 at 10 %; small 1x1 expands) spent as much time in the per-row calls as in
+// the multiply-adds. Finished tiles are stored by the kernel through td, or (td null: channels-
+// last outputs, transposed afterwards) left raw in rows part + (o - o0) * ld. Shared quads (may be
 // null) run the quad kernel.
 template <int NV>
 __attribute__((noinline)) void rows_avx512_t(const float* in, const uint8_t* gaps, const uint8_t* codes,
                                             const int64_t* row_start, const int32_t* tab,
                                             const float* cb, int64_t o0, int64_t o1,
-                                            const TileDst<float>* td, const uint8_t* quads) {
+                                            const TileDst<float>* td, const uint8_t* quads,
+                                            float* part, int64_t ld) {
   for (int64_t o = o0; o < o1;) {
     const int64_t rs = row_start[o];
+    float* p = td ? nullptr : part + (o - o0) * ld;
     if (is_quad(quads, o, o1)) {
       quad_tile<NV>(in, gaps + rs, codes, row_start, row_start[o + 1] - rs, tab, cb, o,
-                    QuadOut{td, nullptr, 0});
+                    QuadOut{td, p, ld});
       o += 4;
       continue;
     }
     tile_avx512_full<NV>(in, gaps + rs, codes + rs, row_start[o + 1] - rs, -1, kNoBound, tab, cb,
-                         16 * NV, nullptr, false, td, o);
+                         16 * NV, p, false, td, o);
     ++o;
   }
 }
 
 using RowsFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*, const int32_t*,
-                        const float*, int64_t, int64_t, const TileDst<float>*, const uint8_t*);
+                        const float*, int64_t, int64_t, const TileDst<float>*, const uint8_t*, float*,
+                        int64_t);
 
 template <std::size_t... I>
 constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>) {
@@ -448,28 +452,6 @@ constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>)
 // The rows kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline RowsFn rows_avx512(int len) {
   static constexpr auto fns = rows_table(std::make_index_sequence<kMaxTile / 16>());
-  return by_vectors(fns, len);
-}
-
-// One quad of a whole-vector tile into rows out + r * ld (the partial-tile buffer of
-// channels-last layers).
-using QuadFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*, int64_t,
-                        const int32_t*, const float*, int64_t, const QuadOut&);
-
-template <int NV>
-void quad_tile_t(const float* in, const uint8_t* gp, const uint8_t* codes, const int64_t* row_start,
-                 int64_t cnt, const int32_t* tab, const float* cb, int64_t o, const QuadOut& qo) {
-  quad_tile<NV>(in, gp, codes, row_start, cnt, tab, cb, o, qo);
-}
-
-template <std::size_t... I>
-constexpr std::array<QuadFn, sizeof...(I)> quad_table(std::index_sequence<I...>) {
-  return {{&quad_tile_t<static_cast<int>(I) + 1>...}};
-}
-
-// The quad kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
-inline QuadFn quad_avx512(int len) {
-  static constexpr auto fns = quad_table(std::make_index_sequence<kMaxTile / 16>());
   return by_vectors(fns, len);
 }
 #endif
@@ -941,30 +923,15 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
     const TileDst<T>* dst = !rowblocks && k.direct && sink.plan(q0, len, td) ? &td : nullptr;
 #if defined(__AVX512F__)
     if constexpr (std::is_same<T, float>::value) {
-      if (L.nblocks <= 1 && dst && k.wide) {  // dst: the kernel is direct
-        if (const RowsFn rf = rows_avx512(len)) {
-          rf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, dst, L.quads);
-          continue;
-        }
-      }
-      const QuadFn qf = L.quads && k.wide ? quad_avx512(len) : nullptr;
-      if (L.nblocks <= 1 && rowblocks && qf) {  // channels-last output: quads into `part`
+      // One block: the rows kernel stores final tiles itself (dst) or, for channels-last outputs
+      // (rowblocks), leaves them in `part` for the transposing store.
+      const RowsFn rf = L.nblocks <= 1 && k.wide && (dst || rowblocks) ? rows_avx512(len) : nullptr;
+      if (rf) {
         const size_t rows = static_cast<size_t>(o1 - o0);
-        if (part.size() < rows * step) part.resize(rows * step);
-        for (int64_t o = o0; o < o1;) {
-          const int64_t rs = L.row_start[o];
-          T* p = part.data() + (o - o0) * step;
-          if (is_quad(L.quads, o, o1)) {
-            qf(in + q0, L.gaps + rs, L.codes, L.row_start, L.row_start[o + 1] - rs, L.table, L.cb, o,
-               QuadOut{nullptr, p, step});
-            o += 4;
-            continue;
-          }
-          k.fn(in + q0, L.gaps + rs, L.codes + rs, L.row_start[o + 1] - rs, -1, kNoBound, L.table,
-               L.cb, len, p, false, nullptr, o);
-          ++o;
-        }
-        sink.store_rows(part.data(), step, q0, len, o0, o1);
+        if (rowblocks && part.size() < rows * step) part.resize(rows * step);
+        rf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, dst, L.quads, part.data(),
+           step);
+        if (rowblocks) sink.store_rows(part.data(), step, q0, len, o0, o1);
         continue;
       }
     }
