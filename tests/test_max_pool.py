@@ -26,6 +26,13 @@ def _cases():
         (1, 17, 9, 40, 3, 1, 1, False),
         (1, 5, 16, 65, (2, 4), 3, (1, 2), True),
         (2, 19, 1, 35, (1, 3), (1, 2), 0, False),
+        # the 3x3 / stride-2 / unpadded fast path: column strips of 4, 3, 2 and 1 vectors and
+        # their remainders, a cut-off last row and column (ceil_mode), even heights without it
+        (1, 3, 40, 260, 3, 2, 0, True),
+        (1, 2, 10, 98, 3, 2, 0, True),
+        (1, 2, 7, 66, 3, 2, 0, True),
+        (2, 3, 16, 34, 3, 2, 0, False),
+        (1, 2, 54, 54, 3, 2, 0, True),
     ]
 
 
@@ -70,6 +77,27 @@ def test_nan_and_inf_propagate_like_aten(channels_last, isa):
     ref = F.max_pool2d(x, 3, 2, ceil_mode=True)
     assert torch.isnan(ref).any()
     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["first", "last", "late_strip", "unread"])
+def test_nan_fast_path_falls_back_per_plane(where):
+    # the 3x3 / stride-2 fast path cannot propagate NaN itself: a NaN anywhere in a window must
+    # still come out, in the right plane only; a NaN in a column no window reads changes nothing
+    x = torch.randn(1, 4, 21, 150)
+    r, c = {"first": (0, 0), "last": (20, 148), "late_strip": (9, 137), "unread": (3, 149)}[where]
+    x[0, 2, r, c] = float("nan")
+    y = sk.ops.max_pool2d(x, 3, 2, 0, False)
+    ref = F.max_pool2d(x, 3, 2)
+    assert torch.isnan(ref).any() == (where != "unread")
+    torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fast_path_switch_gives_the_same_result(monkeypatch):
+    x = torch.randn(1, 6, 55, 55)
+    fast = sk.ops.max_pool2d(x, 3, 2, 0, True)
+    monkeypatch.setenv("SQZ_POOL_FAST", "0")
+    assert torch.equal(sk.ops.max_pool2d(x, 3, 2, 0, True), fast)
+    assert torch.equal(fast, F.max_pool2d(x, 3, 2, ceil_mode=True))
 
 
 def test_every_output_written():
