@@ -60,6 +60,10 @@ def network_rows(rounds):
         sk.fast_pool_(m)
     sk.fold_relu_(comp_p)
     sk.fold_relu_(comp_qp)
+    # and with the first max-pool folded into conv1's kernel (sk.fold_pool_)
+    comp_pp, comp_qpp = copy.deepcopy(comp_p), copy.deepcopy(comp_qp)
+    sk.fold_pool_(comp_pp)
+    sk.fold_pool_(comp_qpp)
     fns = {
         "eager NCHW": lambda: eager(x),
         "eager channels_last": lambda: eager_cl(xcl),
@@ -73,6 +77,10 @@ def network_rows(rounds):
         "compressed + sqz pools + folded ReLUs, channels_last": lambda: comp_p(xcl),
         "compressed, blocks of 4 rows, + sqz pools + folded ReLUs, NCHW": lambda: comp_qp(x),
         "compressed, blocks of 4 rows, + sqz pools + folded ReLUs, channels_last": lambda: comp_qp(xcl),
+        "compressed + sqz pools + folded ReLUs + folded conv1 pool, NCHW": lambda: comp_pp(x),
+        "compressed, blocks of 4 rows, + sqz pools + folded ReLUs + folded conv1 pool, NCHW": lambda: comp_qpp(x),
+        "compressed, blocks of 4 rows, + sqz pools + folded ReLUs + folded conv1 pool, channels_last":
+            lambda: comp_qpp(xcl),
     }
     with threads(2), torch.no_grad():
         compiled = torch.compile(copy.deepcopy(eager))

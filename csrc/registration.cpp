@@ -31,6 +31,12 @@ TORCH_LIBRARY(sqz_kernels, m) {
   m.def(
       "codebook_conv2d(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, Tensor row_counts, "
       "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
+  // max_pool2d(codebook_conv2d(...), pool_kernel, pool_stride, padding 0, pool_ceil_mode) in one
+  // kernel: the conv output is pooled band by band and never written whole (SqueezeNet's conv1).
+  m.def(
+      "codebook_conv2d_max_pool(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, "
+      "Tensor row_counts, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool relu, int[2] pool_kernel, int[2] pool_stride, bool pool_ceil_mode) -> Tensor");
   m.def(
       "codebook_linear(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, Tensor row_counts, "
       "Tensor? bias, bool relu) -> Tensor");

@@ -93,7 +93,7 @@ def _reference_copy(model):
 
 def _compressed_demo(args, eager, fused, x) -> bool:
     """compress -> save -> load -> run the compressed model with the sparse-codebook kernels."""
-    from .codebook import fold_relu_
+    from .codebook import fold_pool_, fold_relu_
     from .compression import compress, load, resident_bytes, save
     from .pool import fast_pool_
 
@@ -107,11 +107,12 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     if args.format == "channels_last":
         loaded = loaded.to(memory_format=torch.channels_last)
     reference = _reference_copy(loaded)
-    # the same compressed model with sqz's max-pool and the ReLUs after conv1 / the classifier
-    # conv folded into their codebook kernels
+    # the same compressed model with sqz's max-pool, the ReLUs after conv1 / the classifier conv
+    # folded into their codebook kernels and the first max-pool into conv1's
     tuned = copy.deepcopy(loaded)
     fast_pool_(tuned)
     fold_relu_(tuned)
+    fold_pool_(tuned)
     with torch.no_grad():
         y_dense, y_comp, y_ref, y_tuned = eager(x), loaded(x), reference(x), tuned(x)
     kernel_diff = max((y_comp - y_ref).abs().max().item(), (y_tuned - y_ref).abs().max().item())

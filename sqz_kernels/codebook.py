@@ -18,7 +18,7 @@ from .codebook_ops import _pair
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
-__all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire", "fold_relu_"]
+__all__ = ["CodebookConv2d", "CodebookLinear", "CodebookFire", "fold_relu_", "fold_pool_"]
 
 _STREAMS = ("codes", "gaps", "row_counts")
 
@@ -145,6 +145,9 @@ class CodebookConv2d(_CodebookLayer):
         self.weight_shape = (self.out_channels, self.in_channels) + self.kernel_size
         self._geometry = (list(self.kernel_size), list(self.stride), list(self.padding))
         self._init_state(self.out_channels, bits, bias)
+        # A max-pool on the output, ([kh, kw], [sh, sw], ceil_mode) with padding 0, or None (set by
+        # fold_pool_; like `relu`, not part of the state).
+        self.pool: Optional[Tuple[list, list, bool]] = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bits: int = 8, mask: Optional[Tensor] = None,
@@ -163,22 +166,28 @@ class CodebookConv2d(_CodebookLayer):
         w = self.decoded_weight().to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         y = F.conv2d(x, w, b, self.stride, self.padding)
-        return F.relu(y) if self.relu else y
+        y = F.relu(y) if self.relu else y
+        if self.pool is not None:
+            y = F.max_pool2d(y, self.pool[0], self.pool[1], 0, ceil_mode=self.pool[2])
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
         # the op directly (geometry validated once in __init__, not per call by the wrapper)
         state = self._kernel_state(x)
-        return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d,
-                           (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu),
-                           (x, state[0], state[4]))
+        geom = (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu)
+        if self.pool is not None:
+            return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_max_pool, geom + tuple(self.pool),
+                               (x, state[0], state[4]))
+        return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d, geom, (x, state[0], state[4]))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bits={self.bits}, "
                 f"n={self.codebook.numel()}, entries={self.codes.numel()}"
-                + (", relu=True" if self.relu else ""))
+                + (", relu=True" if self.relu else "")
+                + (f", pool={self.pool}" if self.pool is not None else ""))
 
 
 class CodebookLinear(_CodebookLayer):
@@ -212,7 +221,8 @@ class CodebookLinear(_CodebookLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"n={self.codebook.numel()}, entries={self.codes.numel()}"
-                + (", relu=True" if self.relu else ""))
+                + (", relu=True" if self.relu else "")
+                + (f", pool={self.pool}" if self.pool is not None else ""))
 
 
 class CodebookFire(nn.Module):
@@ -280,4 +290,46 @@ def fold_relu_(model: nn.Module) -> int:
                 layer.relu = True
                 seq._modules[b] = nn.Identity()
                 folds += 1
+    return folds
+
+
+def _poolable(pool: nn.Module) -> Optional[Tuple[list, list, bool]]:
+    """(kernel, stride, ceil_mode) of a plain max-pool the fused kernel computes, else None."""
+    if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
+        return None
+    k = list(_pair(pool.kernel_size, "kernel_size"))
+    st = k if pool.stride is None else list(_pair(pool.stride, "stride"))
+    if _pair(pool.padding, "padding") != (0, 0) or _pair(pool.dilation, "dilation") != (1, 1):
+        return None
+    return (k, st, bool(pool.ceil_mode))
+
+
+def fold_pool_(model: nn.Module) -> int:
+    """In every nn.Sequential of `model`, a CodebookConv2d followed by an nn.MaxPool2d (padding 0,
+    dilation 1, no indices; sk.MaxPool2d too), possibly with an nn.ReLU or nn.Identity between
+    them, takes the pool into its kernel (codebook_conv2d_max_pool: the conv output is pooled band
+    by band and never written whole). A ReLU between them is folded too (see fold_relu_); the
+    folded modules become nn.Identity, so module names and the state_dict are unchanged.
+    SqueezeNet: conv1 and the first max-pool. Returns the number of pools folded."""
+    folds = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for i, a in enumerate(names):
+            layer = seq._modules[a]
+            if not isinstance(layer, CodebookConv2d) or layer.pool is not None:
+                continue
+            j, relus = i + 1, []
+            while j < len(names) and type(seq._modules[names[j]]) in (nn.ReLU, nn.Identity):
+                if type(seq._modules[names[j]]) is nn.ReLU:
+                    relus.append(names[j])
+                j += 1
+            spec = _poolable(seq._modules[names[j]]) if j < len(names) else None
+            if spec is None:
+                continue
+            for r in relus:  # ReLU is idempotent: any number of them folds into the flag
+                layer.relu = True
+                seq._modules[r] = nn.Identity()
+            layer.pool = spec
+            seq._modules[names[j]] = nn.Identity()
+            folds += 1
     return folds

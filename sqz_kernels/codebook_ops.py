@@ -26,6 +26,7 @@ from .compression.resident import entry_cursors  # the one stream decoder
 
 __all__ = [
     "codebook_conv2d",
+    "codebook_conv2d_max_pool",
     "codebook_linear",
     "codebook_fused_fire",
     "codebook_decode",
@@ -69,6 +70,34 @@ def codebook_conv2d(
                         (x, codebook, codes, gaps, row_counts, bias,
                          list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
                          list(_pair(padding, "padding")), bool(relu)),
+                        (x, codebook, bias))
+
+
+def codebook_conv2d_max_pool(
+    x: Tensor,
+    codebook: Tensor,
+    codes: Tensor,
+    gaps: Tensor,
+    row_counts: Tensor,
+    bias: Optional[Tensor] = None,
+    kernel_size: _IntPair = 1,
+    stride: _IntPair = 1,
+    padding: _IntPair = 0,
+    relu: bool = False,
+    pool_kernel: _IntPair = 3,
+    pool_stride: Optional[_IntPair] = None,
+    pool_ceil_mode: bool = False,
+) -> Tensor:
+    """max_pool2d(codebook_conv2d(x, ..., relu), pool_kernel, pool_stride (default: pool_kernel),
+    padding 0, ceil_mode=pool_ceil_mode), computed by one kernel that pools each band of the conv
+    output while it is in cache (the full conv output is never written). Output in x's format."""
+    pk = _pair(pool_kernel, "pool_kernel")
+    ps = pk if pool_stride is None else _pair(pool_stride, "pool_stride")
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_max_pool,
+                        (x, codebook, codes, gaps, row_counts, bias,
+                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
+                         list(_pair(padding, "padding")), bool(relu), list(pk), list(ps),
+                         bool(pool_ceil_mode)),
                         (x, codebook, bias))
 
 
@@ -148,6 +177,22 @@ def _conv_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, 
     return out.contiguous(memory_format=_ops._memory_format(x))
 
 
+def _pooled_size(n: int, k: int, s: int, ceil_mode: bool) -> int:
+    # torch's pooling_output_shape with padding 0 and dilation 1
+    out = (n - k + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= n else out
+
+
+@torch.library.register_fake("sqz_kernels::codebook_conv2d_max_pool")
+def _conv_pool_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu,
+                    pool_kernel, pool_stride, pool_ceil_mode):
+    y = _conv_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu)
+    n, o, h, w = y.shape
+    out = x.new_empty((n, o, _pooled_size(h, pool_kernel[0], pool_stride[0], pool_ceil_mode),
+                       _pooled_size(w, pool_kernel[1], pool_stride[1], pool_ceil_mode)))
+    return out.contiguous(memory_format=_ops._memory_format(x))
+
+
 @torch.library.register_fake("sqz_kernels::codebook_linear")
 def _linear_fake(x, codebook, codes, gaps, row_counts, bias, relu):
     return x.new_empty((*x.shape[:-1], row_counts.shape[0]))
@@ -174,24 +219,60 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad):
     x, codebook, codes, gaps, row_counts, out = ctx.saved_tensors
     kernel_size, stride, padding, relu, has_bias = ctx.geom
+    return _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, out, grad,
+                       kernel_size, stride, padding, relu, has_bias)
+
+
+def _conv_grads(need, x, codebook, codes, gaps, row_counts, out, grad, kernel_size, stride, padding,
+                relu, has_bias):
+    """Gradients of codebook_conv2d's inputs; `out` is its (post-ReLU) output, needed if relu."""
     if relu:
         grad = grad * (out > 0).to(grad.dtype)
     O, C = row_counts.shape[0], x.shape[1]
     K = C * kernel_size[0] * kernel_size[1]
     wshape = (O, C, kernel_size[0], kernel_size[1])
     gx = gcb = gb = None
-    if ctx.needs_input_grad[0]:
+    if need[0]:
         w = codebook_decode(codebook, codes, gaps, row_counts, K).reshape(wshape)
         gx = torch.nn.grad.conv2d_input(x.shape, w, grad, stride=stride, padding=padding)
-    if ctx.needs_input_grad[1]:
+    if need[1]:
         gw = torch.nn.grad.conv2d_weight(x, wshape, grad, stride=stride, padding=padding)
         gcb = _grad_codebook(codebook, codes, gaps, row_counts, K, gw)
-    if has_bias and ctx.needs_input_grad[5]:
+    if has_bias and need[5]:
         gb = grad.sum((0, 2, 3))
     return gx, gcb, None, None, None, gb, None, None, None, None
 
 
 torch.library.register_autograd("sqz_kernels::codebook_conv2d", _conv_backward, setup_context=_conv_setup)
+
+
+def _conv_pool_setup(ctx, inputs, output):
+    x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu = inputs[:10]
+    ctx.geom = (list(kernel_size), list(stride), list(padding), bool(relu), bias is not None)
+    ctx.pool = (list(inputs[10]), list(inputs[11]), bool(inputs[12]))
+    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, bias)
+
+
+def _conv_pool_backward(ctx, grad):
+    # The conv output was never kept: recompute it with the forward kernel, route the gradient
+    # through ATen's max-pool backward (its argmax indices, so ties go where torch sends them),
+    # then take codebook_conv2d's gradients.
+    x, codebook, codes, gaps, row_counts, bias = ctx.saved_tensors
+    kernel_size, stride, padding, relu, has_bias = ctx.geom
+    pk, ps, ceil_mode = ctx.pool
+    y = torch.ops.sqz_kernels.codebook_conv2d(x.detach(), codebook.detach(), codes, gaps, row_counts,
+                                              None if bias is None else bias.detach(), kernel_size,
+                                              stride, padding, relu)
+    _, idx = torch.ops.aten.max_pool2d_with_indices(y, pk, ps, [0, 0], [1, 1], ceil_mode)
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, pk, ps, [0, 0], [1, 1], ceil_mode,
+                                                         idx)
+    grads = _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, gy,
+                        kernel_size, stride, padding, relu, has_bias)
+    return grads + (None, None, None)
+
+
+torch.library.register_autograd("sqz_kernels::codebook_conv2d_max_pool", _conv_pool_backward,
+                                setup_context=_conv_pool_setup)
 
 
 def _linear_setup(ctx, inputs, output):

@@ -327,6 +327,7 @@ def test_no_dense_weight_is_allocated():
             for _ in range(3):
                 y = co.codebook_conv2d(x, cb, codes, gaps, counts, None, 1, 1, 0, True)
                 z = co.codebook_linear(xl, cb, codes, gaps, counts, None)
+                p = co.codebook_conv2d_max_pool(x, cb, codes, gaps, counts, None, 1, 1, 0, True, 2, 2)
             after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) // 1024)
     """)

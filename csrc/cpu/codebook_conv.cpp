@@ -56,21 +56,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // flat: one plane row per channel holding the band's B * Wo pixels
   const Layout lay = flat ? make_layout(C, 1, 1, 1, 1, B * g.Wo) : make_layout(C, g.kh, g.kw, g.sh, B, g.Wo);
   const int64_t pitch = lay.pitch;
-  TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
-              ": input too large for 32-bit address offsets");
-
-  const int64_t K = C * g.kh * g.kw;
-  const RowStarts rs = validate_stream(op, "", s, K);
-  // Per-call table: weight position (ci, ky, kx) -> address offset in the packed band (K int32).
-  std::vector<int32_t> tab(K);
-  for (int64_t ci = 0, pos = 0; ci < C; ++ci)
-    for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
-        tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
-  const at::Tensor gaps = s.gaps.contiguous(), codes = s.codes.contiguous();
-  Rows<T> L{gaps.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), rs.data(), tab.data(), cb};
-  std::vector<uint8_t> quads;
-  find_quads(L, g.O, k, quads);
+  ConvRows<T> cr = conv_rows(op, s, g, lay, cb, k);
+  Rows<T>& L = cr.L;
 
   const int64_t step = tile_step(k, flat ? pitch : B * pitch);
   const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);

@@ -981,6 +981,36 @@ struct ConvGeom {
   int64_t Ho, Wo;
 };
 
+// A conv layer's validated stream as the kernels walk it over the packed bands of `lay`: the row
+// starts, the (ci, ky, kx) -> band address table, the contiguous streams and the row quads own
+// what `L` points to (moving a ConvRows keeps those buffers in place).
+template <typename T>
+struct ConvRows {
+  RowStarts rs;
+  std::vector<int32_t> tab;
+  at::Tensor gaps, codes;
+  std::vector<uint8_t> quads;
+  Rows<T> L;
+};
+
+template <typename T>
+inline ConvRows<T> conv_rows(const char* op, const Stream& s, const ConvGeom& g, const Layout& lay,
+                             const T* cb, const Kernel<T>& k) {
+  TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
+              ": input too large for 32-bit address offsets");
+  const int64_t K = g.C * g.kh * g.kw;
+  ConvRows<T> r{validate_stream(op, "", s, K), std::vector<int32_t>(K), s.gaps.contiguous(),
+                s.codes.contiguous(), {}, {}};
+  for (int64_t ci = 0, pos = 0; ci < g.C; ++ci)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
+        r.tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
+  r.L = Rows<T>{r.gaps.template data_ptr<uint8_t>(), r.codes.template data_ptr<uint8_t>(),
+                r.rs.data(), r.tab.data(), cb};
+  find_quads(r.L, g.O, k, r.quads);
+  return r;
+}
+
 // The conv driver: x [N, C, H, W] and out [N, O, Ho, Wo] given by element strides xs / os (any
 // layout; the tensors only supply data pointers and dtype, float32 or float64). Validates the
 // stream. Defined in codebook_conv.cpp; codebook_linear runs a linear as a 1 x M "image".

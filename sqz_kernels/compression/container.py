@@ -406,6 +406,7 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         # a layer that took in its ReLU (sk.fold_relu_: the nn.ReLU after it became nn.Identity)
         # keeps it, or loading into a folded model would silently drop that ReLU
         m.relu = bool(getattr(old, "relu", False))
+        m.pool = getattr(old, "pool", None) if isinstance(m, CodebookConv2d) else None  # sk.fold_pool_
         m.to(next(iter(old.parameters()), torch.zeros(0)).device)
         m.train(old.training)
         new_mods[name] = m
