@@ -45,6 +45,14 @@ TORCH_LIBRARY(sqz_kernels, m) {
       "Tensor sq_counts, Tensor? sq_bias, Tensor e1_codebook, Tensor e1_codes, Tensor e1_gaps, "
       "Tensor e1_counts, Tensor? e1_bias, Tensor e3_codebook, Tensor e3_codes, Tensor e3_gaps, "
       "Tensor e3_counts, Tensor? e3_bias) -> Tensor");
+  // max_pool2d(codebook_fused_fire(...), pool_kernel, pool_stride, padding 0, pool_ceil_mode) in one
+  // kernel: each band of the Fire output is pooled while in cache (SqueezeNet's later pools).
+  m.def(
+      "codebook_fused_fire_max_pool(Tensor x, Tensor sq_codebook, Tensor sq_codes, Tensor sq_gaps, "
+      "Tensor sq_counts, Tensor? sq_bias, Tensor e1_codebook, Tensor e1_codes, Tensor e1_gaps, "
+      "Tensor e1_counts, Tensor? e1_bias, Tensor e3_codebook, Tensor e3_codes, Tensor e3_gaps, "
+      "Tensor e3_counts, Tensor? e3_bias, int[2] pool_kernel, int[2] pool_stride, "
+      "bool pool_ceil_mode) -> Tensor");
 }
 
 #ifndef SQZ_NO_PYTHON

@@ -238,6 +238,7 @@ class CodebookFire(nn.Module):
         self.expand1x1_activation = nn.ReLU(inplace=True)
         self.expand3x3 = CodebookConv2d(squeeze_planes, expand3x3_planes, 3, padding=1, bits=bits)
         self.expand3x3_activation = nn.ReLU(inplace=True)
+        self.pool: Optional[Tuple[list, list, bool]] = None  # a folded max-pool (see fold_pool_)
 
     @classmethod
     def from_codebook_convs(cls, squeeze: CodebookConv2d, expand1x1: CodebookConv2d,
@@ -258,21 +259,30 @@ class CodebookFire(nn.Module):
         new.squeeze, new.expand1x1, new.expand3x3 = squeeze, expand1x1, expand3x3
         new.squeeze_activation = nn.ReLU(inplace=True)
         new.expand1x1_activation = nn.ReLU(inplace=True)
+        new.pool = None
         new.expand3x3_activation = nn.ReLU(inplace=True)
         new.train(squeeze.training)
         return new
 
     def forward_reference(self, x: Tensor) -> Tensor:
         s = F.relu(self.squeeze.forward_reference(x))
-        return torch.cat([F.relu(self.expand1x1.forward_reference(s)),
-                          F.relu(self.expand3x3.forward_reference(s))], 1)
+        y = torch.cat([F.relu(self.expand1x1.forward_reference(s)),
+                       F.relu(self.expand3x3.forward_reference(s))], 1)
+        if self.pool is not None:
+            y = F.max_pool2d(y, self.pool[0], self.pool[1], 0, ceil_mode=self.pool[2])
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
-        return codebook_ops.codebook_fused_fire(x, *self.squeeze._kernel_state(x),
-                                                *self.expand1x1._kernel_state(x),
-                                                *self.expand3x3._kernel_state(x))
+        state = (*self.squeeze._kernel_state(x), *self.expand1x1._kernel_state(x),
+                 *self.expand3x3._kernel_state(x))
+        if self.pool is not None:
+            return codebook_ops.codebook_fused_fire_max_pool(x, *state, *self.pool)
+        return codebook_ops.codebook_fused_fire(x, *state)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool}" if self.pool is not None else ""
 
 
 def fold_relu_(model: nn.Module) -> int:
@@ -305,18 +315,19 @@ def _poolable(pool: nn.Module) -> Optional[Tuple[list, list, bool]]:
 
 
 def fold_pool_(model: nn.Module) -> int:
-    """In every nn.Sequential of `model`, a CodebookConv2d followed by an nn.MaxPool2d (padding 0,
-    dilation 1, no indices; sk.MaxPool2d too), possibly with an nn.ReLU or nn.Identity between
-    them, takes the pool into its kernel (codebook_conv2d_max_pool: the conv output is pooled band
-    by band and never written whole). A ReLU between them is folded too (see fold_relu_); the
-    folded modules become nn.Identity, so module names and the state_dict are unchanged.
-    SqueezeNet: conv1 and the first max-pool. Returns the number of pools folded."""
+    """In every nn.Sequential of `model`, a CodebookConv2d or CodebookFire followed by an
+    nn.MaxPool2d (padding 0, dilation 1, no indices; sk.MaxPool2d too) takes the pool into its
+    kernel (codebook_conv2d_max_pool / codebook_fused_fire_max_pool: the output is pooled band by
+    band and never written whole). nn.Identity may sit between them, and for a conv also nn.ReLU,
+    which is folded too (see fold_relu_). The folded modules become nn.Identity, so module names
+    and the state_dict are unchanged. SqueezeNet: every max-pool (after conv1 and after two Fires).
+    Returns the number of pools folded."""
     folds = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, a in enumerate(names):
             layer = seq._modules[a]
-            if not isinstance(layer, CodebookConv2d) or layer.pool is not None:
+            if not isinstance(layer, (CodebookConv2d, CodebookFire)) or layer.pool is not None:
                 continue
             j, relus = i + 1, []
             while j < len(names) and type(seq._modules[names[j]]) in (nn.ReLU, nn.Identity):
@@ -326,6 +337,8 @@ def fold_pool_(model: nn.Module) -> int:
             spec = _poolable(seq._modules[names[j]]) if j < len(names) else None
             if spec is None:
                 continue
+            if relus and isinstance(layer, CodebookFire):
+                continue  # a Fire's output is already >= 0, but keep unusual graphs as they are
             for r in relus:  # ReLU is idempotent: any number of them folds into the flag
                 layer.relu = True
                 seq._modules[r] = nn.Identity()

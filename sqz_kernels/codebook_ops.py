@@ -29,6 +29,7 @@ __all__ = [
     "codebook_conv2d_max_pool",
     "codebook_linear",
     "codebook_fused_fire",
+    "codebook_fused_fire_max_pool",
     "codebook_decode",
     "codebook_positions",
     "codebook_fire_reference",
@@ -123,6 +124,27 @@ def codebook_fused_fire(x: Tensor,
                         (x, sq_codebook, sq_bias, e1_codebook, e1_bias, e3_codebook, e3_bias))
 
 
+def codebook_fused_fire_max_pool(x: Tensor,
+                                 sq_codebook: Tensor, sq_codes: Tensor, sq_gaps: Tensor,
+                                 sq_counts: Tensor, sq_bias: Optional[Tensor],
+                                 e1_codebook: Tensor, e1_codes: Tensor, e1_gaps: Tensor,
+                                 e1_counts: Tensor, e1_bias: Optional[Tensor],
+                                 e3_codebook: Tensor, e3_codes: Tensor, e3_gaps: Tensor,
+                                 e3_counts: Tensor, e3_bias: Optional[Tensor],
+                                 pool_kernel: _IntPair = 3, pool_stride: Optional[_IntPair] = None,
+                                 pool_ceil_mode: bool = False) -> Tensor:
+    """max_pool2d(codebook_fused_fire(x, ...), pool_kernel, pool_stride (default: pool_kernel),
+    padding 0, ceil_mode=pool_ceil_mode) in one kernel: each band of the Fire output is pooled
+    while in cache and the full Fire output is never written. Output in x's memory format."""
+    pk = _pair(pool_kernel, "pool_kernel")
+    ps = pk if pool_stride is None else _pair(pool_stride, "pool_stride")
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_fused_fire_max_pool,
+                        (x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codebook, e1_codes,
+                         e1_gaps, e1_counts, e1_bias, e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias,
+                         list(pk), list(ps), bool(pool_ceil_mode)),
+                        (x, sq_codebook, sq_bias, e1_codebook, e1_bias, e3_codebook, e3_bias))
+
+
 # ------------------------------------------------------------------------------------------------
 # Decoding with ATen ops (backward, reference). Shape-static: no data-dependent sizes, so it traces.
 # ------------------------------------------------------------------------------------------------
@@ -204,6 +226,16 @@ def _fire_fake(x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codeboo
     torch._check(x.dim() == 4, lambda: "codebook_fused_fire: x must be 4-D [N, C, H, W]")
     n, _, h, w = x.shape
     out = x.new_empty((n, e1_counts.shape[0] + e3_counts.shape[0], h, w))
+    return out.contiguous(memory_format=_ops._memory_format(x))
+
+
+@torch.library.register_fake("sqz_kernels::codebook_fused_fire_max_pool")
+def _fire_pool_fake(x, *args):
+    streams, (pool_kernel, pool_stride, ceil_mode) = args[:15], args[15:]
+    y = _fire_fake(x, *streams)
+    n, o, h, w = y.shape
+    out = x.new_empty((n, o, _pooled_size(h, pool_kernel[0], pool_stride[0], ceil_mode),
+                       _pooled_size(w, pool_kernel[1], pool_stride[1], ceil_mode)))
     return out.contiguous(memory_format=_ops._memory_format(x))
 
 
@@ -311,8 +343,14 @@ def _fire_setup(ctx, inputs, output):
 
 
 def _fire_backward(ctx, grad):
+    return _fire_grads(ctx.needs_input_grad, ctx.has_bias, ctx.saved_tensors, grad)
+
+
+def _fire_grads(need, has_bias, saved, grad):
+    """Gradients of codebook_fused_fire's 16 inputs; saved = (x, the three streams without bias,
+    b_sq, b_e1, the Fire output)."""
     (x, sq_cb, sq_codes, sq_gaps, sq_counts, e1_cb, e1_codes, e1_gaps, e1_counts,
-     e3_cb, e3_codes, e3_gaps, e3_counts, b_sq, b_e1, out) = ctx.saved_tensors
+     e3_cb, e3_codes, e3_gaps, e3_counts, b_sq, b_e1, out) = saved
     nn_grad = torch.nn.grad
     C = x.shape[1]
     S, E1 = sq_counts.shape[0], e1_counts.shape[0]
@@ -324,7 +362,6 @@ def _fire_backward(ctx, grad):
     g1, g3 = g[:, :E1], g[:, E1:]
     gs = nn_grad.conv2d_input(s.shape, w_e1, g1) + nn_grad.conv2d_input(s.shape, w_e3, g3, padding=1)
     gs = gs * (s > 0).to(gs.dtype)
-    need = ctx.needs_input_grad
     gx = nn_grad.conv2d_input(x.shape, w_sq, gs) if need[0] else None
     g_sq = g_e1 = g_e3 = None
     if need[1]:
@@ -336,7 +373,7 @@ def _fire_backward(ctx, grad):
     if need[11]:
         g_e3 = _grad_codebook(e3_cb, e3_codes, e3_gaps, e3_counts, 9 * S,
                               nn_grad.conv2d_weight(s, w_e3.shape, g3, padding=1))
-    hb_sq, hb_e1, hb_e3 = ctx.has_bias
+    hb_sq, hb_e1, hb_e3 = has_bias
     gb_sq = gs.sum((0, 2, 3)) if hb_sq and need[5] else None
     gb_e1 = g1.sum((0, 2, 3)) if hb_e1 and need[10] else None
     gb_e3 = g3.sum((0, 2, 3)) if hb_e3 and need[15] else None
@@ -345,3 +382,26 @@ def _fire_backward(ctx, grad):
 
 
 torch.library.register_autograd("sqz_kernels::codebook_fused_fire", _fire_backward, setup_context=_fire_setup)
+
+
+def _fire_pool_setup(ctx, inputs, output):
+    ctx.has_bias = tuple(inputs[i] is not None for i in (5, 10, 15))
+    ctx.pool = (list(inputs[16]), list(inputs[17]), bool(inputs[18]))
+    ctx.save_for_backward(*inputs[:16])
+
+
+def _fire_pool_backward(ctx, grad):
+    # As for codebook_conv2d_max_pool: recompute the Fire output with the forward kernel, route the
+    # gradient through ATen's max-pool backward, then take codebook_fused_fire's gradients.
+    inputs = ctx.saved_tensors
+    pk, ps, ceil_mode = ctx.pool
+    y = torch.ops.sqz_kernels.codebook_fused_fire(*[t.detach() if t is not None else None for t in inputs])
+    _, idx = torch.ops.aten.max_pool2d_with_indices(y, pk, ps, [0, 0], [1, 1], ceil_mode)
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, pk, ps, [0, 0], [1, 1], ceil_mode,
+                                                         idx)
+    saved = (inputs[0], *inputs[1:5], *inputs[6:10], *inputs[11:15], inputs[5], inputs[10], y)
+    return _fire_grads(ctx.needs_input_grad, ctx.has_bias, saved, gy) + (None, None, None)
+
+
+torch.library.register_autograd("sqz_kernels::codebook_fused_fire_max_pool", _fire_pool_backward,
+                                setup_context=_fire_pool_setup)

@@ -39,43 +39,6 @@ inline int64_t conv_band_bytes() {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Pooled rows of one task -> the output. NCHW: the pool writes the output rows directly. Other
-// layouts (channels_last): pooled into `tmp` [channel][pixel], then moved with 16 x 16 transposes
-// (a pooled band's pixels are one evenly strided run in channels_last).
-template <typename T>
-void pool_band(const T* conv, int64_t conv_plane, const pool::PoolGeom& bg, int64_t o0, int64_t o1,
-               T* out, const int64_t* os, std::vector<T>& tmp, std::vector<T>& row, bool wide,
-               bool fast) {
-  const int64_t npix = bg.Ho * bg.Wo;
-  const bool nchw = os[3] == 1 && os[2] == bg.Wo;
-  if (nchw) {
-    for (int64_t o = o0; o < o1; ++o)
-      pool::pool_plane(conv + o * conv_plane, out + o * os[1], bg, row, wide, fast);
-    return;
-  }
-  if (tmp.size() < static_cast<size_t>((o1 - o0) * npix)) tmp.resize((o1 - o0) * npix);
-  for (int64_t o = o0; o < o1; ++o)
-    pool::pool_plane(conv + o * conv_plane, tmp.data() + (o - o0) * npix, bg, row, wide, fast);
-  const bool run = os[2] == bg.Wo * os[3];  // pixels evenly strided across rows
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) {
-    if (wide && run && os[1] == 1) {
-      for (int64_t og = o0; og < o1; og += 16)
-        for (int64_t p = 0; p < npix; p += 16)
-          transpose_tile16(tmp.data() + (og - o0) * npix + p, npix,
-                           static_cast<int>(std::min<int64_t>(16, o1 - og)),
-                           static_cast<int>(std::min<int64_t>(16, npix - p)), out + og + p * os[3],
-                           os[3]);
-      return;
-    }
-  }
-#endif
-  for (int64_t o = o0; o < o1; ++o)
-    for (int64_t i = 0; i < bg.Ho; ++i)
-      for (int64_t j = 0; j < bg.Wo; ++j)
-        out[o * os[1] + i * os[2] + j * os[3]] = tmp[(o - o0) * npix + i * bg.Wo + j];
-}
-
 // g: the conv; pg: the pool over the conv output (N, C = O, H = Ho, W = Wo; no padding).
 template <typename T>
 void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const pool::PoolGeom& pg,
@@ -137,7 +100,7 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
       spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, OutSink<T>{ep, k.wide}, part, walk);
       // the band's pool: local rows [0, rows); ceil_mode windows are cut only at the real bottom
       const pool::PoolGeom bg{1, 1, rows, g.Wo, pg.kh, pg.kw, pg.sh, pg.sw, 0, 0, p1 - p0, pg.Wo};
-      pool_band(conv.get(), conv_plane, bg, o0, o1, out + n * os[0] + p0 * os[2], os, tmp, row,
+      pool::pool_band(conv.get(), conv_plane, bg, o0, o1, out + n * os[0] + p0 * os[2], os, tmp, row,
                 k.wide, fast);
     }
   });

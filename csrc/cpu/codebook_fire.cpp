@@ -9,11 +9,13 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "codebook.h"
 #include "memory_format.h"
 #include "cpu/codebook_spmm.h"
+#include "cpu/max_pool_plane.h"
 
 namespace sqz {
 namespace codebook {
@@ -84,16 +86,23 @@ struct SqueezeSink {
   }
 };
 
+// pg: null for the Fire alone; else codebook_fused_fire_max_pool's pool over the Fire output
+// (pg->H, pg->W = H, W). Then bands are bands of pooled rows (as in codebook_conv2d_max_pool):
+// the expands write a band of Fire rows into a per-thread buffer that is pooled at once, and
+// adjacent bands recompute the kp - sp Fire rows they share.
 template <typename T>
 void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const Stream& e3,
-                  int64_t S, int64_t E1, int64_t E3, at::Tensor& out, const char* op) {
+                  int64_t S, int64_t E1, int64_t E3, at::Tensor& out, const char* op,
+                  const pool::PoolGeom* pg = nullptr) {
   const Kernel<T> k = select_kernel<T>(active_isa());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   const int64_t P = round_up(W, kVec);
   const int64_t nthreads = at::get_num_threads();
-  const int64_t row_bytes = (3 * S + C) * P * static_cast<int64_t>(sizeof(T));
+  const int64_t Eout = E1 + E3;
+  // + the band's Fire output when it is pooled in place
+  const int64_t row_bytes = ((3 * S + C) * P + (pg ? Eout * W : 0)) * static_cast<int64_t>(sizeof(T));
   // A map that is one pixel tile (13x13) keeps one band up to twice the budget: two bands would
   // recompute two squeeze rows and halve the expand tiles (A/B, 1 thread: 6-8 % faster; 55x55
   // maps were 13 % slower with the larger budget). Threads still split such maps into bands:
@@ -102,12 +111,21 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t budget = env_band ? std::max<int64_t>(1, std::atoll(env_band)) : kFireBandBytes;
   const int64_t band_bytes = H * P <= k.tile ? 2 * budget : budget;
   const int64_t bmax = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
-  int64_t nb = ceil_div(H, bmax);
-  if (N * nb < nthreads) nb = std::min(H, ceil_div(nthreads, std::max<int64_t>(N, 1)));
-  int64_t B = ceil_div(H, nb);
-  if (N * nb >= nthreads) B = balanced_band_rows(H, N, B, nthreads);
-  nb = ceil_div(H, B);
-  const int64_t Eout = E1 + E3;
+  // Bands: of B output rows, or (pooled) of PB pooled rows, which need up to B Fire rows.
+  const int64_t HB = pg ? pg->Ho : H;  // rows the bands split
+  auto fire_rows_of = [&](int64_t pr) { return std::min(H, (pr - 1) * pg->sh + pg->kh); };
+  int64_t PB = 1;
+  if (pg)
+    while (PB < HB && fire_rows_of(PB + 1) <= bmax) ++PB;
+  int64_t nb = ceil_div(HB, pg ? PB : bmax);
+  if (N * nb < nthreads) nb = std::min(HB, ceil_div(nthreads, std::max<int64_t>(N, 1)));
+  int64_t B = ceil_div(HB, nb);
+  if (N * nb >= nthreads) B = balanced_band_rows(HB, N, B, nthreads);
+  nb = ceil_div(HB, B);
+  if (pg) {
+    PB = B;
+    B = fire_rows_of(PB);
+  }
   int64_t ob = 1;
   if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
 
@@ -169,6 +187,8 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   find_quads(Le3, E3, k, q_e3);
   const T* xp = x.data_ptr<T>();
   T* yp = out.data_ptr<T>();
+  const int64_t fire_plane = B * W;  // pooled: one channel of the band's Fire output buffer
+  const bool fast_pool = pg && pool::fast3s2_applies<T>(*pg, k.wide);
 
   // K-blocking of the three layers so each one's slab stays in L1 (see chunk_channels).
   const int64_t step_sq = tile_step(k, (B + 2) * P), step_ex = tile_step(k, B * P);
@@ -178,16 +198,20 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
 
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> sbuf(ls.elems), pbuf(lx.elems);
-    std::vector<T> part;
+    std::vector<T> part, ptmp, prow;
     std::vector<Walk> walk;
+    // pooled: the band's Fire output (every element the pool reads is written first: no fill)
+    std::unique_ptr<T[]> fbuf(pg ? new T[static_cast<size_t>(Eout * fire_plane)] : nullptr);
+    if (pg) prow = pool::plane_scratch<T>(*pg);
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
       const int64_t blk = t % ob;
-      const int64_t r0 = band * B;
-      const int64_t rows = std::min(B, H - r0);
+      const int64_t p0 = pg ? band * PB : 0, p1 = pg ? std::min(pg->Ho, p0 + PB) : 0;
+      const int64_t r0 = pg ? p0 * pg->sh : band * B;
+      const int64_t rows = pg ? fire_rows_of(p1) - r0 : std::min(B, H - r0);
       const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
-      if (rows <= 0 || c0 >= c1) continue;
+      if (rows <= 0 || c0 >= c1 || (pg && p0 >= p1)) continue;
       const int64_t ra = std::max<int64_t>(r0 - 1, 0);
       const int64_t rb = std::min(r0 + rows + 1, H);
       const int64_t la = ra - (r0 - 1), lb = rb - (r0 - 1);  // local squeeze rows written
@@ -203,18 +227,25 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
                 pbuf.data());
       const SqueezeSink<T> ssq{sbuf.data(), la, P, W, ls.plane, ls.copy_stride, bsq};
       spmm_rows(k, pbuf.data(), Lsq, 0, S, (rb - ra) * P, ssq, part, walk);
-      // 2. expands from the squeeze buffer into the output's channel slices.
-      T* yn = yp + n * os[0] + r0 * os[2];
+      // 2. expands from the squeeze buffer into the output's channel slices (pooled: into the
+      //    band buffer, laid out [channel][row][W]).
+      T* yn = pg ? fbuf.get() : yp + n * os[0] + r0 * os[2];
+      const int64_t ys[3] = {pg ? fire_plane : os[1], pg ? W : os[2], pg ? 1 : os[3]};
       const int64_t qn = rows * P;
       if (c0 < E1) {
-        const Epilogue<T> ee1{yn, os[1], os[2], os[3], P, W, be1, true};
+        const Epilogue<T> ee1{yn, ys[0], ys[1], ys[2], P, W, be1, true};
         spmm_rows(k, sbuf.data(), Le1, c0, std::min(c1, E1), qn,
                   OutSink<T>{ee1, k.wide}, part, walk);
       }
       if (c1 > E1) {
-        const Epilogue<T> ee3{yn + E1 * os[1], os[1], os[2], os[3], P, W, be3, true};
+        const Epilogue<T> ee3{yn + E1 * ys[0], ys[0], ys[1], ys[2], P, W, be3, true};
         spmm_rows(k, sbuf.data(), Le3, std::max(c0, E1) - E1, c1 - E1, qn,
                   OutSink<T>{ee3, k.wide}, part, walk);
+      }
+      if (pg) {  // 3. the band's pool: local rows [0, rows); ceil_mode cuts only the real bottom
+        const pool::PoolGeom bg{1, 1, rows, W, pg->kh, pg->kw, pg->sh, pg->sw, 0, 0, p1 - p0, pg->Wo};
+        pool::pool_band(fbuf.get(), fire_plane, bg, c0, c1, yp + n * os[0] + p0 * os[2], os, ptmp,
+                        prow, k.wide, fast_pool);
       }
     }
   });
@@ -250,10 +281,53 @@ at::Tensor codebook_fused_fire_cpu(
   return out;
 }
 
+at::Tensor codebook_fused_fire_max_pool_cpu(
+    const at::Tensor& x, const at::Tensor& sq_codebook, const at::Tensor& sq_codes,
+    const at::Tensor& sq_gaps, const at::Tensor& sq_counts,
+    const c10::optional<at::Tensor>& sq_bias, const at::Tensor& e1_codebook,
+    const at::Tensor& e1_codes, const at::Tensor& e1_gaps, const at::Tensor& e1_counts,
+    const c10::optional<at::Tensor>& e1_bias, const at::Tensor& e3_codebook,
+    const at::Tensor& e3_codes, const at::Tensor& e3_gaps, const at::Tensor& e3_counts,
+    const c10::optional<at::Tensor>& e3_bias, at::IntArrayRef pool_kernel,
+    at::IntArrayRef pool_stride, bool pool_ceil_mode) {
+  const char* op = "codebook_fused_fire_max_pool";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
+              ": x must have C, H, W >= 1, got ", x.sizes());
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_kernel[0] >= 1 && pool_kernel[1] >= 1, op,
+              ": pool_kernel must be two positive ints, got ", pool_kernel);
+  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 1 && pool_stride[1] >= 1, op,
+              ": pool_stride must be two positive ints, got ", pool_stride);
+  TORCH_CHECK(x.size(2) >= pool_kernel[0] && x.size(3) >= pool_kernel[1], op, ": pool_kernel ",
+              pool_kernel, " is larger than the Fire output [", x.size(2), ", ", x.size(3), "]");
+  const Stream sq{sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias};
+  const Stream e1{e1_codebook, e1_codes, e1_gaps, e1_counts, e1_bias};
+  const Stream e3{e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias};
+  const int64_t S = check_stream(op, "sq_", x, sq);
+  const int64_t E1 = check_stream(op, "e1_", x, e1);
+  const int64_t E3 = check_stream(op, "e3_", x, e3);
+  const int64_t H = x.size(2), W = x.size(3);
+  pool::PoolGeom pg{x.size(0), E1 + E3, H, W, pool_kernel[0], pool_kernel[1], pool_stride[0],
+                    pool_stride[1], 0, 0, 0, 0};
+  pg.Ho = pool::pooled_size(H, pg.kh, pg.sh, 0, pool_ceil_mode);
+  pg.Wo = pool::pooled_size(W, pg.kw, pg.sw, 0, pool_ceil_mode);
+  at::Tensor out = at::empty({x.size(0), E1 + E3, pg.Ho, pg.Wo},
+                             x.options().memory_format(sqz::output_memory_format(x)));
+  if (x.scalar_type() == at::kFloat) {
+    fire_forward<float>(x, sq, e1, e3, S, E1, E3, out, op, &pg);
+  } else {
+    fire_forward<double>(x, sq, e1, e3, S, E1, E3, out, op, &pg);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace codebook
 }  // namespace sqz
 
 TORCH_LIBRARY_IMPL(sqz_kernels, CPU, m) {
   m.impl("codebook_fused_fire", &sqz::codebook::codebook_fused_fire_cpu);
+  m.impl("codebook_fused_fire_max_pool", &sqz::codebook::codebook_fused_fire_max_pool_cpu);
 }

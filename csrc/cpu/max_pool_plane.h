@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/fire_transpose.h"
+
 namespace sqz {
 namespace pool {
 
@@ -218,6 +220,44 @@ inline void pool_plane(const T* xp, T* yp, const PoolGeom& g, std::vector<T>& ro
 #endif
   (void)fast3s2;
   pool_plane_rows(xp, yp, g, row, wide);
+}
+
+// The fused conv + pool ops: pooled rows of one band of channels [o0, o1) of a conv output (channel
+// o at conv + o * conv_plane, rows of bg.W elements) -> the output. NCHW: the pool writes the output rows directly. Other
+// layouts (channels_last): pooled into `tmp` [channel][pixel], then moved with 16 x 16 transposes
+// (a pooled band's pixels are one evenly strided run in channels_last).
+template <typename T>
+inline void pool_band(const T* conv, int64_t conv_plane, const PoolGeom& bg, int64_t o0, int64_t o1,
+               T* out, const int64_t* os, std::vector<T>& tmp, std::vector<T>& row, bool wide,
+               bool fast) {
+  const int64_t npix = bg.Ho * bg.Wo;
+  const bool nchw = os[3] == 1 && os[2] == bg.Wo;
+  if (nchw) {
+    for (int64_t o = o0; o < o1; ++o)
+      pool_plane(conv + o * conv_plane, out + o * os[1], bg, row, wide, fast);
+    return;
+  }
+  if (tmp.size() < static_cast<size_t>((o1 - o0) * npix)) tmp.resize((o1 - o0) * npix);
+  for (int64_t o = o0; o < o1; ++o)
+    pool_plane(conv + o * conv_plane, tmp.data() + (o - o0) * npix, bg, row, wide, fast);
+  const bool run = os[2] == bg.Wo * os[3];  // pixels evenly strided across rows
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (wide && run && os[1] == 1) {
+      for (int64_t og = o0; og < o1; og += 16)
+        for (int64_t p = 0; p < npix; p += 16)
+          transpose_tile16(tmp.data() + (og - o0) * npix + p, npix,
+                           static_cast<int>(std::min<int64_t>(16, o1 - og)),
+                           static_cast<int>(std::min<int64_t>(16, npix - p)), out + og + p * os[3],
+                           os[3]);
+      return;
+    }
+  }
+#endif
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t i = 0; i < bg.Ho; ++i)
+      for (int64_t j = 0; j < bg.Wo; ++j)
+        out[o * os[1] + i * os[2] + j * os[3]] = tmp[(o - o0) * npix + i * bg.Wo + j];
 }
 
 }  // namespace pool

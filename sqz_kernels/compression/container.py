@@ -441,6 +441,7 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         parts = [new_mods[p + c] for c in ("squeeze", "expand1x1", "expand3x3")]
         fire = CodebookFire.from_codebook_convs(*parts)
         fire.train(get(fname).training)
+        fire.pool = getattr(get(fname), "pool", None)  # a folded max-pool (sk.fold_pool_) stays
         if fname:
             swap(fname, fire)
     sd = model.state_dict(keep_vars=True)
