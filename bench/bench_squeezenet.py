@@ -36,7 +36,7 @@ def test_squeezenet1_1(benchmark, fmt):
             compiled = torch.compile(copy.deepcopy(eager))
             compiled(x)
             fns["torch.compile"] = lambda: compiled(x)
-        med = alternate(fns, rounds=15, inner=3, budget_s=30, settle_s=0.02)
+        med = alternate(fns, rounds=15, inner=3, budget_s=30)
         benchmark.pedantic(fused, args=(x,), rounds=10, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update({f"{k}_ms": v * 1e3 for k, v in med.items()})
     benchmark.extra_info["speedup_vs_eager"] = med["eager"] / med["fused"]

@@ -23,13 +23,8 @@ def gflops(macs: int, seconds: float) -> float:
 
 
 def alternate(fns: Dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3,
-              warmup: int = 2, budget_s: float = 10.0, settle_s: float = 0.0) -> Dict[str, float]:
-    """Median seconds per call of each fn, measured in alternating rounds (A B A B ...); each
-    candidate's `inner` timed calls follow a pause of settle_s and one untimed call.
-
-    The pause is for ONNX Runtime: its worker threads keep spinning for several milliseconds
-    after a run, and the candidate after it measured 1.1-1.7x slower without a 20 ms pause (one
-    untimed call was not enough)."""
+              warmup: int = 2, budget_s: float = 10.0) -> Dict[str, float]:
+    """Median seconds per call of each fn, measured in alternating rounds (A B A B ...)."""
     with torch.no_grad():
         for _ in range(warmup):
             for f in fns.values():
@@ -38,9 +33,6 @@ def alternate(fns: Dict[str, Callable[[], object]], rounds: int = 15, inner: int
         start = time.perf_counter()
         for r in range(rounds):
             for k, f in fns.items():
-                if settle_s:
-                    time.sleep(settle_s)
-                f()
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     f()
