@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -203,15 +204,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
     // pooled: the band's Fire output (every element the pool reads is written first: no fill)
     std::unique_ptr<T[]> fbuf(pg ? new T[static_cast<size_t>(Eout * fire_plane)] : nullptr);
     if (pg) prow = pool::plane_scratch<T>(*pg);
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / (nb * ob);
-      const int64_t band = (t / ob) % nb;
-      const int64_t blk = t % ob;
-      const int64_t p0 = pg ? band * PB : 0, p1 = pg ? std::min(pg->Ho, p0 + PB) : 0;
-      const int64_t r0 = pg ? p0 * pg->sh : band * B;
-      const int64_t rows = pg ? fire_rows_of(p1) - r0 : std::min(B, H - r0);
-      const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
-      if (rows <= 0 || c0 >= c1 || (pg && p0 >= p1)) continue;
+    // Fire rows [r0, r0 + rows) of image n, output channels [c0, c1): into the output, or (pooled)
+    // into the band buffer fb.
+    auto fire_band = [&](int64_t r0, int64_t rows, int64_t n, int64_t c0, int64_t c1, T* fb) {
       const int64_t ra = std::max<int64_t>(r0 - 1, 0);
       const int64_t rb = std::min(r0 + rows + 1, H);
       const int64_t la = ra - (r0 - 1), lb = rb - (r0 - 1);  // local squeeze rows written
@@ -229,7 +224,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       spmm_rows(k, pbuf.data(), Lsq, 0, S, (rb - ra) * P, ssq, part, walk);
       // 2. expands from the squeeze buffer into the output's channel slices (pooled: into the
       //    band buffer, laid out [channel][row][W]).
-      T* yn = pg ? fbuf.get() : yp + n * os[0] + r0 * os[2];
+      T* yn = pg ? fb : yp + n * os[0] + r0 * os[2];
       const int64_t ys[3] = {pg ? fire_plane : os[1], pg ? W : os[2], pg ? 1 : os[3]};
       const int64_t qn = rows * P;
       if (c0 < E1) {
@@ -242,6 +237,31 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
         spmm_rows(k, sbuf.data(), Le3, std::max(c0, E1) - E1, c1 - E1, qn,
                   OutSink<T>{ee3, k.wide}, part, walk);
       }
+    };
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / (nb * ob);
+      const int64_t band = (t / ob) % nb;
+      const int64_t blk = t % ob;
+      const int64_t p0 = pg ? band * PB : 0, p1 = pg ? std::min(pg->Ho, p0 + PB) : 0;
+      const int64_t r0 = pg ? p0 * pg->sh : band * B;
+      const int64_t rows = pg ? fire_rows_of(p1) - r0 : std::min(B, H - r0);
+      const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
+      if (rows <= 0 || c0 >= c1 || (pg && p0 >= p1)) continue;
+      // Pooled: Fire rows this thread computed for the previous band of the same channel block
+      // (task t - ob) that this band shares (kp - sp of them) are carried over, not recomputed;
+      // only a thread's first band recomputes them.
+      int64_t carry = 0;
+      if (pg && band > 0 && t - ob >= b) {
+        const int64_t q0 = (band - 1) * PB, pr0 = q0 * pg->sh;
+        const int64_t prows = fire_rows_of(std::min(pg->Ho, q0 + PB)) - pr0;
+        carry = std::max<int64_t>(0, std::min(rows, pr0 + prows - r0));
+        for (int64_t o = c0; o < c1 && carry > 0; ++o) {
+          T* pl = fbuf.get() + o * fire_plane;
+          std::memmove(pl, pl + (prows - carry) * W, static_cast<size_t>(carry * W) * sizeof(T));
+        }
+      }
+      if (carry < rows)
+        fire_band(r0 + carry, rows - carry, n, c0, c1, pg ? fbuf.get() + carry * W : nullptr);
       if (pg) {  // 3. the band's pool: local rows [0, rows); ceil_mode cuts only the real bottom
         const pool::PoolGeom bg{1, 1, rows, W, pg->kh, pg->kw, pg->sh, pg->sw, 0, 0, p1 - p0, pg->Wo};
         pool::pool_band(fbuf.get(), fire_plane, bg, c0, c1, yp + n * os[0] + p0 * os[2], os, ptmp,
