@@ -102,8 +102,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const int64_t P = round_up(W, kVec);
   const int64_t nthreads = at::get_num_threads();
   const int64_t Eout = E1 + E3;
-  // + the band's Fire output when it is pooled in place
-  const int64_t row_bytes = ((3 * S + C) * P + (pg ? Eout * W : 0)) * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = (3 * S + C) * P * static_cast<int64_t>(sizeof(T));
   // A map that is one pixel tile (13x13) keeps one band up to twice the budget: two bands would
   // recompute two squeeze rows and halve the expand tiles (A/B, 1 thread: 6-8 % faster; 55x55
   // maps were 13 % slower with the larger budget). Threads still split such maps into bands:
@@ -115,18 +114,30 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // Bands: of B output rows, or (pooled) of PB pooled rows, which need up to B Fire rows.
   const int64_t HB = pg ? pg->Ho : H;  // rows the bands split
   auto fire_rows_of = [&](int64_t pr) { return std::min(H, (pr - 1) * pg->sh + pg->kh); };
-  int64_t PB = 1;
-  if (pg)
-    while (PB < HB && fire_rows_of(PB + 1) <= bmax) ++PB;
-  int64_t nb = ceil_div(HB, pg ? PB : bmax);
+  // Pooled: bands compute about as many new Fire rows (PB * sp, the shared rows are carried) as
+  // the Fire alone would; the band's Fire output buffer comes on top of the budget. Counting it
+  // in the budget gave 1-2-row bands on the 27x27 Fires of SqueezeNet 1.0 (4-vector tiles, the
+  // squeeze halo doubled): 1.1x slower than Fire + separate pool.
+  const int64_t PB0 = pg ? std::max<int64_t>(1, std::min(HB, bmax / pg->sh)) : 0;
+  int64_t nb = ceil_div(HB, pg ? PB0 : bmax);
   if (N * nb < nthreads) nb = std::min(HB, ceil_div(nthreads, std::max<int64_t>(N, 1)));
   int64_t B = ceil_div(HB, nb);
-  if (N * nb >= nthreads) B = balanced_band_rows(HB, N, B, nthreads);
-  nb = ceil_div(HB, B);
   if (pg) {
-    PB = B;
-    B = fire_rows_of(PB);
+    // Pooled bands split the pooled rows as evenly as they go (band i: rows [i HB / nb,
+    // (i + 1) HB / nb)), in a band count the threads divide: carried rows make small bands cheap,
+    // and equal-size bands with a short last one left SqueezeNet 1.0's 13 pooled rows 8 / 5
+    // (fire8 + pool 0.91-0.93x of Fire + separate pool; 0.99-1.06x with this split).
+    for (int64_t m = nb; m <= HB; ++m)
+      if ((N * m) % nthreads == 0) {
+        nb = m;
+        break;
+      }
+    B = fire_rows_of(ceil_div(HB, nb));
+  } else {
+    if (N * nb >= nthreads) B = balanced_band_rows(HB, N, B, nthreads);
+    nb = ceil_div(HB, B);
   }
+  auto band_p0 = [&](int64_t band) { return band * HB / nb; };  // pooled bands only
   int64_t ob = 1;
   if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
 
@@ -242,7 +253,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
       const int64_t blk = t % ob;
-      const int64_t p0 = pg ? band * PB : 0, p1 = pg ? std::min(pg->Ho, p0 + PB) : 0;
+      const int64_t p0 = pg ? band_p0(band) : 0, p1 = pg ? band_p0(band + 1) : 0;
       const int64_t r0 = pg ? p0 * pg->sh : band * B;
       const int64_t rows = pg ? fire_rows_of(p1) - r0 : std::min(B, H - r0);
       const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
@@ -252,8 +263,8 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       // only a thread's first band recomputes them.
       int64_t carry = 0;
       if (pg && band > 0 && t - ob >= b) {
-        const int64_t q0 = (band - 1) * PB, pr0 = q0 * pg->sh;
-        const int64_t prows = fire_rows_of(std::min(pg->Ho, q0 + PB)) - pr0;
+        const int64_t pr0 = band_p0(band - 1) * pg->sh;
+        const int64_t prows = fire_rows_of(p0) - pr0;
         carry = std::max<int64_t>(0, std::min(rows, pr0 + prows - r0));
         for (int64_t o = c0; o < c1 && carry > 0; ++o) {
           T* pl = fbuf.get() + o * fire_plane;
