@@ -127,7 +127,7 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     print(f"{'dense eager':28} {dense_bytes:14,d} {med['eager'] * 1e3:11.3f}")
     print(f"{'dense FusedFire':28} {dense_bytes:14,d} {med['fused'] * 1e3:11.3f}")
     print(f"{'compressed, resident':28} {resident_bytes(loaded):14,d} {med['compressed'] * 1e3:11.3f}")
-    print(f"{'  + sqz pools, folded ReLUs':28} {resident_bytes(tuned):14,d} {med['tuned'] * 1e3:11.3f}")
+    print(f"{'  + sqz pools, all folds':28} {resident_bytes(tuned):14,d} {med['tuned'] * 1e3:11.3f}")
     print(f"{'compressed, .sqz file':28} {file_bytes:14,d}")
     print(f"max |kernels - decoded reference| = {kernel_diff:.3g}   "
           f"max |compressed - dense| = {dense_diff:.3g} (pruning + quantisation changes the function)")
