@@ -74,6 +74,12 @@ def codebook_conv2d(
                         (x, codebook, bias))
 
 
+def _pool_args(pool_kernel: _IntPair, pool_stride: Optional[_IntPair]):
+    """[kh, kw], [sh, sw] of the fused max-pool ops (stride None = the kernel, like torch)."""
+    pk = list(_pair(pool_kernel, "pool_kernel"))
+    return pk, pk if pool_stride is None else list(_pair(pool_stride, "pool_stride"))
+
+
 def codebook_conv2d_max_pool(
     x: Tensor,
     codebook: Tensor,
@@ -92,13 +98,11 @@ def codebook_conv2d_max_pool(
     """max_pool2d(codebook_conv2d(x, ..., relu), pool_kernel, pool_stride (default: pool_kernel),
     padding 0, ceil_mode=pool_ceil_mode), computed by one kernel that pools each band of the conv
     output while it is in cache (the full conv output is never written). Output in x's format."""
-    pk = _pair(pool_kernel, "pool_kernel")
-    ps = pk if pool_stride is None else _pair(pool_stride, "pool_stride")
     return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_max_pool,
                         (x, codebook, codes, gaps, row_counts, bias,
                          list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
-                         list(_pair(padding, "padding")), bool(relu), list(pk), list(ps),
-                         bool(pool_ceil_mode)),
+                         list(_pair(padding, "padding")), bool(relu),
+                         *_pool_args(pool_kernel, pool_stride), bool(pool_ceil_mode)),
                         (x, codebook, bias))
 
 
@@ -136,12 +140,10 @@ def codebook_fused_fire_max_pool(x: Tensor,
     """max_pool2d(codebook_fused_fire(x, ...), pool_kernel, pool_stride (default: pool_kernel),
     padding 0, ceil_mode=pool_ceil_mode) in one kernel: each band of the Fire output is pooled
     while in cache and the full Fire output is never written. Output in x's memory format."""
-    pk = _pair(pool_kernel, "pool_kernel")
-    ps = pk if pool_stride is None else _pair(pool_stride, "pool_stride")
     return _ops.call_op(torch.ops.sqz_kernels.codebook_fused_fire_max_pool,
                         (x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codebook, e1_codes,
                          e1_gaps, e1_counts, e1_bias, e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias,
-                         list(pk), list(ps), bool(pool_ceil_mode)),
+                         *_pool_args(pool_kernel, pool_stride), bool(pool_ceil_mode)),
                         (x, sq_codebook, sq_bias, e1_codebook, e1_bias, e3_codebook, e3_bias))
 
 
@@ -199,20 +201,19 @@ def _conv_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, 
     return out.contiguous(memory_format=_ops._memory_format(x))
 
 
-def _pooled_size(n: int, k: int, s: int, ceil_mode: bool) -> int:
-    # torch's pooling_output_shape with padding 0 and dilation 1
-    out = (n - k + (s - 1 if ceil_mode else 0)) // s + 1
-    return out - 1 if ceil_mode and (out - 1) * s >= n else out
+def _pooled_fake(x, y, pool_kernel, pool_stride, ceil_mode):
+    """The fused max-pool ops' output for a layer output shaped like y (padding 0)."""
+    n, o, h, w = y.shape
+    out = x.new_empty((n, o, _ops._pooled_size(h, pool_kernel[0], pool_stride[0], 0, ceil_mode),
+                       _ops._pooled_size(w, pool_kernel[1], pool_stride[1], 0, ceil_mode)))
+    return out.contiguous(memory_format=_ops._memory_format(x))
 
 
 @torch.library.register_fake("sqz_kernels::codebook_conv2d_max_pool")
 def _conv_pool_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu,
                     pool_kernel, pool_stride, pool_ceil_mode):
     y = _conv_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu)
-    n, o, h, w = y.shape
-    out = x.new_empty((n, o, _pooled_size(h, pool_kernel[0], pool_stride[0], pool_ceil_mode),
-                       _pooled_size(w, pool_kernel[1], pool_stride[1], pool_ceil_mode)))
-    return out.contiguous(memory_format=_ops._memory_format(x))
+    return _pooled_fake(x, y, pool_kernel, pool_stride, pool_ceil_mode)
 
 
 @torch.library.register_fake("sqz_kernels::codebook_linear")
@@ -232,11 +233,7 @@ def _fire_fake(x, sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias, e1_codeboo
 @torch.library.register_fake("sqz_kernels::codebook_fused_fire_max_pool")
 def _fire_pool_fake(x, *args):
     streams, (pool_kernel, pool_stride, ceil_mode) = args[:15], args[15:]
-    y = _fire_fake(x, *streams)
-    n, o, h, w = y.shape
-    out = x.new_empty((n, o, _pooled_size(h, pool_kernel[0], pool_stride[0], ceil_mode),
-                       _pooled_size(w, pool_kernel[1], pool_stride[1], ceil_mode)))
-    return out.contiguous(memory_format=_ops._memory_format(x))
+    return _pooled_fake(x, _fire_fake(x, *streams), pool_kernel, pool_stride, ceil_mode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,9 +292,7 @@ def _conv_pool_backward(ctx, grad):
     y = torch.ops.sqz_kernels.codebook_conv2d(x.detach(), codebook.detach(), codes, gaps, row_counts,
                                               None if bias is None else bias.detach(), kernel_size,
                                               stride, padding, relu)
-    _, idx = torch.ops.aten.max_pool2d_with_indices(y, pk, ps, [0, 0], [1, 1], ceil_mode)
-    gy = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, pk, ps, [0, 0], [1, 1], ceil_mode,
-                                                         idx)
+    gy = _ops._max_pool_input_grad(grad, y, pk, ps, [0, 0], ceil_mode)
     grads = _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, gy,
                         kernel_size, stride, padding, relu, has_bias)
     return grads + (None, None, None)
@@ -396,9 +391,7 @@ def _fire_pool_backward(ctx, grad):
     inputs = ctx.saved_tensors
     pk, ps, ceil_mode = ctx.pool
     y = torch.ops.sqz_kernels.codebook_fused_fire(*[t.detach() if t is not None else None for t in inputs])
-    _, idx = torch.ops.aten.max_pool2d_with_indices(y, pk, ps, [0, 0], [1, 1], ceil_mode)
-    gy = torch.ops.aten.max_pool2d_with_indices_backward(grad, y, pk, ps, [0, 0], [1, 1], ceil_mode,
-                                                         idx)
+    gy = _ops._max_pool_input_grad(grad, y, pk, ps, [0, 0], ceil_mode)
     saved = (inputs[0], *inputs[1:5], *inputs[6:10], *inputs[11:15], inputs[5], inputs[10], y)
     return _fire_grads(ctx.needs_input_grad, ctx.has_bias, saved, gy) + (None, None, None)
 

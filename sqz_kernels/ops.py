@@ -152,13 +152,16 @@ def _max_pool2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
-def _max_pool2d_backward(ctx, grad_out):
-    # ATen's indices (first maximum of each window) and its backward: torch's gradient exactly.
-    (x,) = ctx.saved_tensors
-    k, s, p, ceil_mode = ctx.pool
+def _max_pool_input_grad(grad_out, x, k, s, p, ceil_mode):
+    """dL/dx of max_pool2d(x) (dilation 1) from ATen's indices (first maximum of each window) and
+    its backward: torch's gradient exactly. Also the pool part of the fused conv / Fire + pool ops."""
     _, idx = torch.ops.aten.max_pool2d_with_indices(x, k, s, p, [1, 1], ceil_mode)
-    gx = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], ceil_mode, idx)
-    return gx, None, None, None, None
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], ceil_mode, idx)
+
+
+def _max_pool2d_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return (_max_pool_input_grad(grad_out, x, *ctx.pool), None, None, None, None)
 
 
 torch.library.register_autograd("sqz_kernels::max_pool2d", _max_pool2d_backward,

@@ -15,16 +15,6 @@ from sqz_kernels import codebook_ops as co
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
 
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS[ISAS.index(torch.ops.sqz_kernels.cpu_isa()):])
-def isa(request):
-    torch.ops.sqz_kernels.set_cpu_isa(request.param)
-    yield request.param
-    torch.ops.sqz_kernels.set_cpu_isa("best")
-
-
 def _ref(x, L, C, k, s, p, relu, pk, ps, ceil):
     O = L["row_counts"].shape[0]
     b = L["bias"].double() if L["bias"] is not None else None
@@ -67,7 +57,7 @@ def _check(case, L, channels_last, relu, n=2):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"C{c[0]}O{c[1]}k{c[2][0]}s{c[3][0]}_{c[5]}x{c[6]}_p{c[7]}s{c[8]}{'c' if c[9] else ''}")
 @pytest.mark.parametrize("density", [1.0, 0.33, 0.1, 0.0])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_reference(case, density, channels_last, isa):
+def test_matches_reference(case, density, channels_last, cpu_isa):
     C, O, k = case[:3]
     L = make_layer(O, C * k[0] * k[1], density, bits=6, seed=hash(case) % 1000, force_fillers=True,
                    quads=density == 0.33)

@@ -15,16 +15,6 @@ from sqz_kernels import codebook_ops as co
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
 
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS[ISAS.index(torch.ops.sqz_kernels.cpu_isa()):])
-def isa(request):
-    torch.ops.sqz_kernels.set_cpu_isa(request.param)
-    yield request.param
-    torch.ops.sqz_kernels.set_cpu_isa("best")
-
-
 def _layers(C, S, E1, E3, density, dtype=torch.float32, seed=0, quads=False):
     return (make_layer(S, C, density, 6, dtype, seed=seed + 1, quads=quads),
             make_layer(E1, S, density, 6, dtype, seed=seed + 2, quads=quads),
@@ -74,7 +64,7 @@ def _check(case, layers, channels_last, n=2):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "_".join(str(v) for v in c[:6]) + f"_p{c[6]}s{c[7]}{'c' if c[8] else ''}")
 @pytest.mark.parametrize("density", [1.0, 0.33, 0.0])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_reference(case, density, channels_last, isa):
+def test_matches_reference(case, density, channels_last, cpu_isa):
     _check(case, _layers(*case[:4], density, seed=case[0], quads=density == 0.33), channels_last)
 
 

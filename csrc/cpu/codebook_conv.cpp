@@ -18,7 +18,6 @@ namespace codebook {
 namespace {
 constexpr int64_t kBandBytes = 384 * 1024;  // packed input band budget per task (L2 is 2 MB)
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
@@ -122,33 +121,8 @@ at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, bool relu) {
   const char* op = "codebook_conv2d";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
-              ": kernel_size must be two positive ints, got ", kernel_size);
-  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
-              ": stride must be two positive ints, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
   const Stream s{codebook, codes, gaps, row_counts, bias};
-  ConvGeom g;
-  g.O = check_stream(op, "", x, s);
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.kh = kernel_size[0];
-  g.kw = kernel_size[1];
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  TORCH_CHECK(g.C >= 1, op, ": x must have at least one channel");
-  TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op,
-              ": kernel_size ", kernel_size, " is larger than the padded input ", x.sizes());
-  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  const ConvGeom g = checked_conv_geom(op, x, s, kernel_size, stride, padding);
   at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo},
                              x.options().memory_format(sqz::output_memory_format(x)));
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};

@@ -37,7 +37,6 @@ inline int64_t conv_band_bytes() {
   return e ? std::max<int64_t>(1, std::atoll(e)) : 512 * 1024;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // g: the conv; pg: the pool over the conv output (N, C = O, H = Ho, W = Wo; no padding).
 template <typename T>
@@ -101,7 +100,7 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
       // the band's pool: local rows [0, rows); ceil_mode windows are cut only at the real bottom
       const pool::PoolGeom bg{1, 1, rows, g.Wo, pg.kh, pg.kw, pg.sh, pg.sw, 0, 0, p1 - p0, pg.Wo};
       pool::pool_band(conv.get(), conv_plane, bg, o0, o1, out + n * os[0] + p0 * os[2], os, tmp, row,
-                k.wide, fast);
+                      k.wide, fast);
     }
   });
 }
@@ -115,43 +114,10 @@ at::Tensor codebook_conv2d_max_pool_cpu(const at::Tensor& x, const at::Tensor& c
                                         at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
                                         bool pool_ceil_mode) {
   const char* op = "codebook_conv2d_max_pool";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
-              ": kernel_size must be two positive ints, got ", kernel_size);
-  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
-              ": stride must be two positive ints, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
-  TORCH_CHECK(pool_kernel.size() == 2 && pool_kernel[0] >= 1 && pool_kernel[1] >= 1, op,
-              ": pool_kernel must be two positive ints, got ", pool_kernel);
-  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 1 && pool_stride[1] >= 1, op,
-              ": pool_stride must be two positive ints, got ", pool_stride);
   const Stream s{codebook, codes, gaps, row_counts, bias};
-  ConvGeom g;
-  g.O = check_stream(op, "", x, s);
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.kh = kernel_size[0];
-  g.kw = kernel_size[1];
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  TORCH_CHECK(g.C >= 1, op, ": x must have at least one channel");
-  TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op, ": kernel_size ", kernel_size,
-              " is larger than the padded input ", x.sizes());
-  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
-  TORCH_CHECK(g.Ho >= pool_kernel[0] && g.Wo >= pool_kernel[1], op, ": pool_kernel ", pool_kernel,
-              " is larger than the conv output [", g.Ho, ", ", g.Wo, "]");
-  pool::PoolGeom pg{g.N, g.O, g.Ho, g.Wo, pool_kernel[0], pool_kernel[1], pool_stride[0],
-                    pool_stride[1], 0, 0, 0, 0};
-  pg.Ho = pool::pooled_size(g.Ho, pg.kh, pg.sh, 0, pool_ceil_mode);
-  pg.Wo = pool::pooled_size(g.Wo, pg.kw, pg.sw, 0, pool_ceil_mode);
+  const ConvGeom g = checked_conv_geom(op, x, s, kernel_size, stride, padding);
+  const pool::PoolGeom pg = pool::checked_pool_geom(op, "conv", g.N, g.O, g.Ho, g.Wo, pool_kernel,
+                                                     pool_stride, pool_ceil_mode);
   at::Tensor out = at::empty({g.N, g.O, pg.Ho, pg.Wo},
                              x.options().memory_format(sqz::output_memory_format(x)));
   if (g.N == 0) {  // nothing to compute, but the stream is still validated

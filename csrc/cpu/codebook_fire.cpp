@@ -24,7 +24,6 @@ namespace {
 
 constexpr int64_t kFireBandBytes = 512 * 1024;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Squeeze epilogue: a finished tile of squeeze channel o (pixels q of the packed input band, row
 // pitch P, valid columns [0, W)) -> ReLU(acc + b) written into the three column copies of the
@@ -282,6 +281,34 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   });
 }
 
+// The three layers of a Fire op, checked against x (shared by both Fire ops).
+struct FireStreams {
+  Stream sq, e1, e3;
+  int64_t S, E1, E3;
+};
+
+FireStreams checked_fire(const char* op, const at::Tensor& x, const Stream& sq, const Stream& e1,
+                         const Stream& e3) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
+              ": x must have C, H, W >= 1, got ", x.sizes());
+  const int64_t S = check_stream(op, "sq_", x, sq);
+  const int64_t E1 = check_stream(op, "e1_", x, e1);
+  const int64_t E3 = check_stream(op, "e3_", x, e3);
+  return {sq, e1, e3, S, E1, E3};
+}
+
+void run_fire(const at::Tensor& x, const FireStreams& f, at::Tensor& out, const char* op,
+              const pool::PoolGeom* pg) {
+  if (x.scalar_type() == at::kFloat) {
+    fire_forward<float>(x, f.sq, f.e1, f.e3, f.S, f.E1, f.E3, out, op, pg);
+  } else {
+    fire_forward<double>(x, f.sq, f.e1, f.e3, f.S, f.E1, f.E3, out, op, pg);
+  }
+}
+
 at::Tensor codebook_fused_fire_cpu(
     const at::Tensor& x, const at::Tensor& sq_codebook, const at::Tensor& sq_codes,
     const at::Tensor& sq_gaps, const at::Tensor& sq_counts,
@@ -291,24 +318,12 @@ at::Tensor codebook_fused_fire_cpu(
     const at::Tensor& e3_codes, const at::Tensor& e3_gaps, const at::Tensor& e3_counts,
     const c10::optional<at::Tensor>& e3_bias) {
   const char* op = "codebook_fused_fire";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
-              ": x must have C, H, W >= 1, got ", x.sizes());
-  const Stream sq{sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias};
-  const Stream e1{e1_codebook, e1_codes, e1_gaps, e1_counts, e1_bias};
-  const Stream e3{e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias};
-  const int64_t S = check_stream(op, "sq_", x, sq);
-  const int64_t E1 = check_stream(op, "e1_", x, e1);
-  const int64_t E3 = check_stream(op, "e3_", x, e3);
-  at::Tensor out = at::empty({x.size(0), E1 + E3, x.size(2), x.size(3)},
+  const FireStreams f = checked_fire(op, x, {sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias},
+                                     {e1_codebook, e1_codes, e1_gaps, e1_counts, e1_bias},
+                                     {e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias});
+  at::Tensor out = at::empty({x.size(0), f.E1 + f.E3, x.size(2), x.size(3)},
                              x.options().memory_format(sqz::output_memory_format(x)));
-  if (x.scalar_type() == at::kFloat) {
-    fire_forward<float>(x, sq, e1, e3, S, E1, E3, out, op);
-  } else {
-    fire_forward<double>(x, sq, e1, e3, S, E1, E3, out, op);
-  }
+  run_fire(x, f, out, op, nullptr);
   return out;
 }
 
@@ -322,35 +337,15 @@ at::Tensor codebook_fused_fire_max_pool_cpu(
     const c10::optional<at::Tensor>& e3_bias, at::IntArrayRef pool_kernel,
     at::IntArrayRef pool_stride, bool pool_ceil_mode) {
   const char* op = "codebook_fused_fire_max_pool";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
-              ": x must have C, H, W >= 1, got ", x.sizes());
-  TORCH_CHECK(pool_kernel.size() == 2 && pool_kernel[0] >= 1 && pool_kernel[1] >= 1, op,
-              ": pool_kernel must be two positive ints, got ", pool_kernel);
-  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 1 && pool_stride[1] >= 1, op,
-              ": pool_stride must be two positive ints, got ", pool_stride);
-  TORCH_CHECK(x.size(2) >= pool_kernel[0] && x.size(3) >= pool_kernel[1], op, ": pool_kernel ",
-              pool_kernel, " is larger than the Fire output [", x.size(2), ", ", x.size(3), "]");
-  const Stream sq{sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias};
-  const Stream e1{e1_codebook, e1_codes, e1_gaps, e1_counts, e1_bias};
-  const Stream e3{e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias};
-  const int64_t S = check_stream(op, "sq_", x, sq);
-  const int64_t E1 = check_stream(op, "e1_", x, e1);
-  const int64_t E3 = check_stream(op, "e3_", x, e3);
-  const int64_t H = x.size(2), W = x.size(3);
-  pool::PoolGeom pg{x.size(0), E1 + E3, H, W, pool_kernel[0], pool_kernel[1], pool_stride[0],
-                    pool_stride[1], 0, 0, 0, 0};
-  pg.Ho = pool::pooled_size(H, pg.kh, pg.sh, 0, pool_ceil_mode);
-  pg.Wo = pool::pooled_size(W, pg.kw, pg.sw, 0, pool_ceil_mode);
-  at::Tensor out = at::empty({x.size(0), E1 + E3, pg.Ho, pg.Wo},
+  const FireStreams f = checked_fire(op, x, {sq_codebook, sq_codes, sq_gaps, sq_counts, sq_bias},
+                                     {e1_codebook, e1_codes, e1_gaps, e1_counts, e1_bias},
+                                     {e3_codebook, e3_codes, e3_gaps, e3_counts, e3_bias});
+  const pool::PoolGeom pg = pool::checked_pool_geom(op, "Fire", x.size(0), f.E1 + f.E3, x.size(2),
+                                                     x.size(3), pool_kernel, pool_stride,
+                                                     pool_ceil_mode);
+  at::Tensor out = at::empty({x.size(0), f.E1 + f.E3, pg.Ho, pg.Wo},
                              x.options().memory_format(sqz::output_memory_format(x)));
-  if (x.scalar_type() == at::kFloat) {
-    fire_forward<float>(x, sq, e1, e3, S, E1, E3, out, op, &pg);
-  } else {
-    fire_forward<double>(x, sq, e1, e3, S, E1, E3, out, op, &pg);
-  }
+  run_fire(x, f, out, op, &pg);
   return out;
 }
 

@@ -640,6 +640,7 @@ inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilo
 constexpr int64_t kVec = 16;  // elements
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Layout {
   int64_t sh = 1;            // stride of the rows (phases)
@@ -980,6 +981,41 @@ struct ConvGeom {
   int64_t kh, kw, sh, sw, ph, pw;
   int64_t Ho, Wo;
 };
+
+// Checks the x / geometry arguments of the conv ops and returns their geometry (O from the
+// stream's row_counts, which check_stream validates). Shared by codebook_conv2d and
+// codebook_conv2d_max_pool.
+inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const Stream& s,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
+              ": kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
+              ": stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+  ConvGeom g;
+  g.O = check_stream(op, "", x, s);
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  TORCH_CHECK(g.C >= 1, op, ": x must have at least one channel");
+  TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op,
+              ": kernel_size ", kernel_size, " is larger than the padded input ", x.sizes());
+  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  return g;
+}
 
 // A conv layer's validated stream as the kernels walk it over the packed bands of `lay`: the row
 // starts, the (ci, ky, kx) -> band address table, the contiguous streams and the row quads own

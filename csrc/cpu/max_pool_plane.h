@@ -14,6 +14,9 @@
 #include <immintrin.h>
 #endif
 
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
 #include "cpu/fire_transpose.h"
 
 namespace sqz {
@@ -99,6 +102,23 @@ void max_cols_nchw(const T* row, int64_t kw, int64_t sw, int64_t Wo, T* out, boo
 struct PoolGeom {
   int64_t N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo;
 };
+
+// The pool of the fused conv / Fire + max-pool ops over a [N, C, H, W] layer output (`what`
+// names it in errors): padding 0, dilation 1, pool_kernel / pool_stride checked here.
+inline PoolGeom checked_pool_geom(const char* op, const char* what, int64_t N, int64_t C, int64_t H,
+                                  int64_t W, c10::IntArrayRef pool_kernel,
+                                  c10::IntArrayRef pool_stride, bool ceil_mode) {
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_kernel[0] >= 1 && pool_kernel[1] >= 1, op,
+              ": pool_kernel must be two positive ints, got ", pool_kernel);
+  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 1 && pool_stride[1] >= 1, op,
+              ": pool_stride must be two positive ints, got ", pool_stride);
+  TORCH_CHECK(H >= pool_kernel[0] && W >= pool_kernel[1], op, ": pool_kernel ", pool_kernel,
+              " is larger than the ", what, " output [", H, ", ", W, "]");
+  PoolGeom g{N, C, H, W, pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1], 0, 0, 0, 0};
+  g.Ho = pooled_size(H, g.kh, g.sh, 0, ceil_mode);
+  g.Wo = pooled_size(W, g.kw, g.sw, 0, ceil_mode);
+  return g;
+}
 
 // Input rows of output row oy (clipped to the image; never empty: see pooled_size).
 inline void window_rows(const PoolGeom& g, int64_t oy, int64_t& r0, int64_t& r1) {
