@@ -733,30 +733,40 @@ template <typename T>
 inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H,
                       int64_t W, int64_t prow0, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                       int64_t pw, int64_t out_cols, const Layout& l, T* buf) {
+  // Copy kx holds columns j in [ja, jb) (0 <= j*sw + kx - pw < W), starting at input column c0.
+  std::vector<int64_t> cols(3 * static_cast<size_t>(kw));
   for (int64_t kx = 0; kx < kw; ++kx) {
-    // valid columns j: 0 <= j*sw + kx - pw < W
     int64_t ja = 0;
     while (ja < out_cols && ja * sw + kx - pw < 0) ++ja;
     int64_t jb = ja;
     while (jb < out_cols && jb * sw + kx - pw < W) ++jb;
-    const int64_t c0 = ja * sw + kx - pw;
-    for (int64_t py = 0; py < sh; ++py) {
-      T* phase = buf + kx * l.copy_stride + py * l.phase_stride;
-      for (int64_t i = 0; i < l.plane_rows; ++i) {
-        const int64_t r = prow0 + i * sh + py - ph;
-        const bool rin = r >= 0 && r < H && ja < jb;
-        for (int64_t ci = 0; ci < C; ++ci) {
-          T* d = phase + ci * l.plane + i * l.pitch;
-          if (!rin) {
-            std::fill(d, d + out_cols, T(0));
-            continue;
-          }
-          std::fill(d, d + ja, T(0));
-          std::fill(d + jb, d + out_cols, T(0));
-        }
-        if (!rin) continue;
-        if (sC == 1 && sW != 1) {
-          // channels-last-like input: pixels outer, channels innermost in the source.
+    cols[3 * kx] = ja;
+    cols[3 * kx + 1] = jb;
+    cols[3 * kx + 2] = ja * sw + kx - pw;
+  }
+  // Plane row i of phase py holds input row r; false for a zero (padding) row.
+  auto row_in = [&](int64_t i, int64_t py, int64_t& r) {
+    r = prow0 + i * sh + py - ph;
+    return r >= 0 && r < H;
+  };
+  // Zero columns outside [ja, jb) of plane row d (all of it for a padding row).
+  auto fill_edges = [&](T* d, int64_t kx, bool rin) {
+    const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1];
+    if (!rin || ja >= jb) return std::fill(d, d + out_cols, T(0));
+    std::fill(d, d + ja, T(0));
+    std::fill(d + jb, d + out_cols, T(0));
+  };
+  if (sC == 1 && sW != 1) {
+    // channels-last-like input: pixels outer, channels innermost in the source.
+    for (int64_t kx = 0; kx < kw; ++kx) {
+      const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1], c0 = cols[3 * kx + 2];
+      for (int64_t py = 0; py < sh; ++py) {
+        T* phase = buf + kx * l.copy_stride + py * l.phase_stride;
+        for (int64_t i = 0; i < l.plane_rows; ++i) {
+          int64_t r;
+          const bool rin = row_in(i, py, r);
+          for (int64_t ci = 0; ci < C; ++ci) fill_edges(phase + ci * l.plane + i * l.pitch, kx, rin);
+          if (!rin || ja >= jb) continue;
           const T* srow = x + r * sH;
 #if defined(__AVX512F__)
           if constexpr (std::is_same<T, float>::value) {  // 16x16 register transposes
@@ -769,23 +779,37 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
             T* d = phase + i * l.pitch + j;
             for (int64_t ci = 0; ci < C; ++ci) d[ci * l.plane] = s[ci];
           }
-        } else {
-          for (int64_t ci = 0; ci < C; ++ci) {
-            T* d = phase + ci * l.plane + i * l.pitch;
-            const T* s = x + ci * sC + r * sH + c0 * sW;
-            if (sw == 1 && sW == 1) {
-              copy_row(d + ja, s, jb - ja);
-            } else if (sw == 2 && sW == 1) {
-              copy_row_stride2(d + ja, s, jb - ja);
-            } else {
-              const int64_t step = sw * sW;
-              for (int64_t j = ja; j < jb; ++j) d[j] = s[(j - ja) * step];
-            }
-          }
         }
       }
     }
+    return;
   }
+  // Channels outer, then input rows in order, then the kx copies of a row: the source is read as
+  // one sequential run per channel, each row once while it is in L1. (Copies outer and rows inner
+  // read the band kw times and jumped a whole plane between consecutive short rows, C streams at
+  // once, which the hardware prefetcher does not follow: the copy was 15 % of a 55x55 Fire and
+  // 18 % of conv1 + pool.)
+  for (int64_t ci = 0; ci < C; ++ci)
+    for (int64_t i = 0; i < l.plane_rows; ++i)
+      for (int64_t py = 0; py < sh; ++py) {
+        int64_t r;
+        const bool rin = row_in(i, py, r);
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          T* d = buf + kx * l.copy_stride + py * l.phase_stride + ci * l.plane + i * l.pitch;
+          fill_edges(d, kx, rin);
+          const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1];
+          if (!rin || ja >= jb) continue;
+          const T* s = x + ci * sC + r * sH + cols[3 * kx + 2] * sW;
+          if (sw == 1 && sW == 1) {
+            copy_row(d + ja, s, jb - ja);
+          } else if (sw == 2 && sW == 1) {
+            copy_row_stride2(d + ja, s, jb - ja);
+          } else {
+            const int64_t step = sw * sW;
+            for (int64_t j = ja; j < jb; ++j) d[j] = s[(j - ja) * step];
+          }
+        }
+      }
 }
 
 // Rows per band for H rows of N images on nthreads threads, starting from `rows`: at::parallel_for
