@@ -244,6 +244,29 @@ def test_fused_fire_no_bias_threads_noncontiguous():
     assert co.codebook_fused_fire(x[:0], *args(layers[0]), *args(layers[1]), *args(layers[2])).shape == (0, 16, 11, 9)
 
 
+def test_scratch_is_not_assumed_zero():
+    """The per-call scratch (packed input band, Fire squeeze buffer) is not zero-initialised: the
+    kernels must write every element they read. A first call on an all-NaN input leaves NaN in
+    the freed scratch, which the next call's allocations get back (one thread: one arena); any
+    element read without being written makes the second result NaN."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for C, O, k, s, p, H, W in CONV_CASES[:5] + CONV_CASES[10:]:
+            L = make_layer(O, C * k[0] * k[1], 0.33, 6, seed=O)
+            for x in (torch.full((1, C, H, W), float("nan")), torch.randn(1, C, H, W)):
+                y = co.codebook_conv2d(x, *args(L), k, s, p, True)
+            _close(y, _conv_ref(x, L, C, k, s, p, True))
+        for C, S, E1, E3, H, W in FIRE_CASES:
+            layers = _fire_layers(C, S, E1, E3, 0.33, seed=C)
+            fargs = [a for L in layers for a in args(L)]
+            for x in (torch.full((1, C, H, W), float("nan")), torch.randn(1, C, H, W)):
+                y = co.codebook_fused_fire(x, *fargs)
+            _close(y, _fire_ref(x, layers))
+    finally:
+        torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs -> RuntimeError naming the argument
 # ---------------------------------------------------------------------------------------------

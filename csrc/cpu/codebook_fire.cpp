@@ -209,6 +209,17 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
 
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> sbuf(ls.elems), pbuf(lx.elems);
+    // Columns of the squeeze buffer no squeeze row writes (the zero border of the 3x3 taps and the
+    // pitch padding): copy kx column j holds squeeze column j + kx - 1 and is written for
+    // 0 <= j + kx - 1 < W and j < W (see SqueezeSink). The buffer is not zero-initialised;
+    // border rows are zeroed per task below.
+    for (int64_t kx = 0; kx < 3; ++kx)
+      for (int64_t ci = 0; ci < S; ++ci)
+        for (int64_t i = 0; i < ls.plane_rows; ++i) {
+          T* r = sbuf.data() + kx * ls.copy_stride + ci * ls.plane + i * P;
+          if (kx == 0) r[0] = T(0);
+          std::fill(r + (kx == 2 ? W - 1 : W), r + P, T(0));
+        }
     std::vector<T> part, ptmp, prow;
     std::vector<Walk> walk;
     // pooled: the band's Fire output (every element the pool reads is written first: no fill)
