@@ -37,6 +37,12 @@ TORCH_LIBRARY(sqz_kernels, m) {
       "codebook_conv2d_max_pool(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, "
       "Tensor row_counts, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, "
       "bool relu, int[2] pool_kernel, int[2] pool_stride, bool pool_ceil_mode) -> Tensor");
+  // adaptive_avg_pool2d(codebook_conv2d(...), 1) -> [N, O, 1, 1] in one kernel: the epilogue sums
+  // each tile instead of storing it (SqueezeNet's classifier conv + global average pool).
+  m.def(
+      "codebook_conv2d_global_avg_pool(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, "
+      "Tensor row_counts, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool relu) -> Tensor");
   m.def(
       "codebook_linear(Tensor x, Tensor codebook, Tensor codes, Tensor gaps, Tensor row_counts, "
       "Tensor? bias, bool relu) -> Tensor");

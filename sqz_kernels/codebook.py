@@ -148,6 +148,9 @@ class CodebookConv2d(_CodebookLayer):
         # A max-pool on the output, ([kh, kw], [sh, sw], ceil_mode) with padding 0, or None (set by
         # fold_pool_; like `relu`, not part of the state).
         self.pool: Optional[Tuple[list, list, bool]] = None
+        # A global average pool on the output (AdaptiveAvgPool2d(1), set by fold_pool_): the output
+        # is [N, O, 1, 1] and the conv output is never written (codebook_conv2d_global_avg_pool).
+        self.global_pool = False
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bits: int = 8, mask: Optional[Tensor] = None,
@@ -169,6 +172,8 @@ class CodebookConv2d(_CodebookLayer):
         y = F.relu(y) if self.relu else y
         if self.pool is not None:
             y = F.max_pool2d(y, self.pool[0], self.pool[1], 0, ceil_mode=self.pool[2])
+        if self.global_pool:
+            y = F.adaptive_avg_pool2d(y, 1)
         return y
 
     def forward(self, x: Tensor) -> Tensor:
@@ -177,6 +182,9 @@ class CodebookConv2d(_CodebookLayer):
         # the op directly (geometry validated once in __init__, not per call by the wrapper)
         state = self._kernel_state(x)
         geom = (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu)
+        if self.global_pool:
+            return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_global_avg_pool, geom,
+                               (x, state[0], state[4]))
         if self.pool is not None:
             return ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_max_pool, geom + tuple(self.pool),
                                (x, state[0], state[4]))
@@ -187,7 +195,8 @@ class CodebookConv2d(_CodebookLayer):
                 f"stride={self.stride}, padding={self.padding}, bits={self.bits}, "
                 f"n={self.codebook.numel()}, entries={self.codes.numel()}"
                 + (", relu=True" if self.relu else "")
-                + (f", pool={self.pool}" if self.pool is not None else ""))
+                + (f", pool={self.pool}" if self.pool is not None else "")
+                + (", global_pool=True" if self.global_pool else ""))
 
 
 class CodebookLinear(_CodebookLayer):
@@ -314,35 +323,51 @@ def _poolable(pool: nn.Module) -> Optional[Tuple[list, list, bool]]:
     return (k, st, bool(pool.ceil_mode))
 
 
+def _global_avg_pool(pool: nn.Module) -> bool:
+    """Whether `pool` averages each channel to one pixel (AdaptiveAvgPool2d(1) / ((1, 1)))."""
+    if not isinstance(pool, nn.AdaptiveAvgPool2d):
+        return False
+    size = pool.output_size
+    return size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))
+
+
 def fold_pool_(model: nn.Module) -> int:
     """In every nn.Sequential of `model`, a CodebookConv2d or CodebookFire followed by an
     nn.MaxPool2d (padding 0, dilation 1, no indices; sk.MaxPool2d too) takes the pool into its
     kernel (codebook_conv2d_max_pool / codebook_fused_fire_max_pool: the output is pooled band by
-    band and never written whole). nn.Identity may sit between them, and for a conv also nn.ReLU,
-    which is folded too (see fold_relu_). The folded modules become nn.Identity, so module names
-    and the state_dict are unchanged. SqueezeNet: every max-pool (after conv1 and after two Fires).
-    Returns the number of pools folded."""
+    band and never written whole), and a CodebookConv2d followed by nn.AdaptiveAvgPool2d(1) takes
+    the global average pool (codebook_conv2d_global_avg_pool: each output tile is summed, never
+    stored). nn.Identity may sit between them, and for a conv also nn.ReLU, which is folded too
+    (see fold_relu_). The folded modules become nn.Identity, so module names and the state_dict
+    are unchanged. SqueezeNet: every max-pool (after conv1 and after two Fires) and the
+    classifier's average pool. Returns the number of pools folded."""
     folds = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, a in enumerate(names):
             layer = seq._modules[a]
-            if not isinstance(layer, (CodebookConv2d, CodebookFire)) or layer.pool is not None:
+            if not isinstance(layer, (CodebookConv2d, CodebookFire)) or layer.pool is not None \
+                    or getattr(layer, "global_pool", False):
                 continue
             j, relus = i + 1, []
             while j < len(names) and type(seq._modules[names[j]]) in (nn.ReLU, nn.Identity):
                 if type(seq._modules[names[j]]) is nn.ReLU:
                     relus.append(names[j])
                 j += 1
-            spec = _poolable(seq._modules[names[j]]) if j < len(names) else None
-            if spec is None:
+            nxt = seq._modules[names[j]] if j < len(names) else None
+            spec = _poolable(nxt) if nxt is not None else None
+            mean = isinstance(layer, CodebookConv2d) and nxt is not None and _global_avg_pool(nxt)
+            if spec is None and not mean:
                 continue
             if relus and isinstance(layer, CodebookFire):
                 continue  # a Fire's output is already >= 0, but keep unusual graphs as they are
             for r in relus:  # ReLU is idempotent: any number of them folds into the flag
                 layer.relu = True
                 seq._modules[r] = nn.Identity()
-            layer.pool = spec
+            if mean:
+                layer.global_pool = True
+            else:
+                layer.pool = spec
             seq._modules[names[j]] = nn.Identity()
             folds += 1
     return folds

@@ -27,6 +27,7 @@ from .compression.resident import entry_cursors  # the one stream decoder
 __all__ = [
     "codebook_conv2d",
     "codebook_conv2d_max_pool",
+    "codebook_conv2d_global_avg_pool",
     "codebook_linear",
     "codebook_fused_fire",
     "codebook_fused_fire_max_pool",
@@ -111,6 +112,27 @@ def codebook_linear(x: Tensor, codebook: Tensor, codes: Tensor, gaps: Tensor, ro
     """act(x @ W.T + bias) for x [..., K] with W [O, K] in the resident codebook form."""
     return _ops.call_op(torch.ops.sqz_kernels.codebook_linear,
                         (x, codebook, codes, gaps, row_counts, bias, bool(relu)), (x, codebook, bias))
+
+
+def codebook_conv2d_global_avg_pool(
+    x: Tensor,
+    codebook: Tensor,
+    codes: Tensor,
+    gaps: Tensor,
+    row_counts: Tensor,
+    bias: Optional[Tensor] = None,
+    kernel_size: _IntPair = 1,
+    stride: _IntPair = 1,
+    padding: _IntPair = 0,
+    relu: bool = False,
+) -> Tensor:
+    """adaptive_avg_pool2d(codebook_conv2d(x, ..., relu), 1): [N, O, 1, 1], computed by one kernel
+    whose epilogue sums each output tile instead of storing it (the conv output is never written)."""
+    return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_global_avg_pool,
+                        (x, codebook, codes, gaps, row_counts, bias,
+                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
+                         list(_pair(padding, "padding")), bool(relu)),
+                        (x, codebook, bias))
 
 
 def codebook_fused_fire(x: Tensor,
@@ -216,6 +238,12 @@ def _conv_pool_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, str
     return _pooled_fake(x, y, pool_kernel, pool_stride, pool_ceil_mode)
 
 
+@torch.library.register_fake("sqz_kernels::codebook_conv2d_global_avg_pool")
+def _conv_mean_fake(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu):
+    torch._check(x.dim() == 4, lambda: "codebook_conv2d_global_avg_pool: x must be 4-D [N, C, H, W]")
+    return x.new_empty((x.shape[0], row_counts.shape[0], 1, 1))
+
+
 @torch.library.register_fake("sqz_kernels::codebook_linear")
 def _linear_fake(x, codebook, codes, gaps, row_counts, bias, relu):
     return x.new_empty((*x.shape[:-1], row_counts.shape[0]))
@@ -300,6 +328,29 @@ def _conv_pool_backward(ctx, grad):
 
 torch.library.register_autograd("sqz_kernels::codebook_conv2d_max_pool", _conv_pool_backward,
                                 setup_context=_conv_pool_setup)
+
+
+def _conv_mean_backward(ctx, grad):
+    # As for the max-pool: recompute the conv output with the forward kernel (it was never kept);
+    # the average pool spreads grad / (Ho * Wo) over every output pixel.
+    x, codebook, codes, gaps, row_counts, bias = ctx.saved_tensors
+    kernel_size, stride, padding, relu, has_bias = ctx.geom
+    y = torch.ops.sqz_kernels.codebook_conv2d(x.detach(), codebook.detach(), codes, gaps, row_counts,
+                                              None if bias is None else bias.detach(), kernel_size,
+                                              stride, padding, relu)
+    gy = (grad / (y.shape[2] * y.shape[3])).expand(y.shape)
+    return _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, gy,
+                       kernel_size, stride, padding, relu, has_bias)
+
+
+def _conv_mean_setup(ctx, inputs, output):
+    x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu = inputs
+    ctx.geom = (list(kernel_size), list(stride), list(padding), bool(relu), bias is not None)
+    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, bias)
+
+
+torch.library.register_autograd("sqz_kernels::codebook_conv2d_global_avg_pool", _conv_mean_backward,
+                                setup_context=_conv_mean_setup)
 
 
 def _linear_setup(ctx, inputs, output):

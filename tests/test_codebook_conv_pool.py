@@ -158,7 +158,8 @@ def test_fold_pool_surgery_and_save_load(tmp_path):
     with torch.no_grad():
         ref = model(x)
         folded = copy.deepcopy(model)
-        assert sk.fold_pool_(folded) == 3       # conv1 + ReLU + first pool, and the Fires' pools
+        assert sk.fold_pool_(folded) == 4       # conv1 + ReLU + first pool, the Fires' pools, and
+        #                                         the classifier's average pool (test_codebook_conv_mean)
         assert sk.fold_pool_(folded) == 0
         conv1 = folded.features[0]
         assert conv1.relu and conv1.pool == ([3, 3], [2, 2], True)
@@ -169,7 +170,7 @@ def test_fold_pool_surgery_and_save_load(tmp_path):
         other = copy.deepcopy(model)
         sk.fast_pool_(other)
         sk.fold_relu_(other)
-        assert sk.fold_pool_(other) == 3
+        assert sk.fold_pool_(other) == 4
         torch.testing.assert_close(other(x), ref, rtol=1e-5, atol=1e-5)
         # the reference path (e.g. other devices) pools too
         torch.testing.assert_close(conv1.forward_reference(x), conv1(x), rtol=1e-5, atol=1e-5)

@@ -150,8 +150,9 @@ def test_fold_pool_folds_every_squeezenet_pool(tmp_path):
         with torch.no_grad():
             ref = model(x)
             folded = copy.deepcopy(model)
-            assert sk.fold_pool_(folded) == 3
+            assert sk.fold_pool_(folded) == 4  # + the classifier's average pool (test_codebook_conv_mean)
             assert all(folded.features[i].pool == ([3, 3], [2, 2], True) for i in fires)
+            assert folded.classifier[1].global_pool
             assert type(folded.features[fires[0] + 1]) is nn.Identity
             assert list(folded.state_dict()) == keys
             torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)

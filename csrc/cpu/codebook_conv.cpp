@@ -1,6 +1,7 @@
 // CPU codebook_conv2d: a k x k conv (stride s, padding p) executing the resident compressed weight
 // (codebook + uint8 codes + uint8 relative gaps + int32 row counts) directly, without a dense
-// float weight. See codebook_spmm.h for the kernel structure.
+// float weight. See codebook_spmm.h for the kernel structure. Also codebook_conv2d_global_avg_pool,
+// the same driver with an epilogue that sums the tiles instead of storing them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,9 +20,60 @@ namespace {
 constexpr int64_t kBandBytes = 384 * 1024;  // packed input band budget per task (L2 is 2 MB)
 
 
+// codebook_conv2d_global_avg_pool's sink: instead of storing a tile, adds act(tile + bias) over
+// its valid pixels (column < out_w of rows in_w apart) to sums[o]. Takes raw tiles of whole row
+// blocks (row_blocks), so the AVX-512 rows kernel and its quads run as for a stored output.
+template <typename T>
+struct MeanSink {
+  T* sums;  // [O] of one (image, band); each (image, band, o) belongs to one task
+  int64_t in_w, out_w;
+  const T* bias;
+  bool relu, wide;
+
+  void store(const T* acc, int64_t q0, int len, int64_t o) const {
+    const T b = bias ? bias[o] : T(0);
+    T total = T(0);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      if (wide && in_w % 16 == 0 && q0 % 16 == 0) {  // a vector never spans two rows
+        const __m512 vb = _mm512_set1_ps(b), z = _mm512_setzero_ps();
+        __m512 sum = z;
+        for (; i + 16 <= len; i += 16) {
+          const int64_t col = (q0 + i) % in_w;
+          const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, out_w - col));
+          const __mmask16 m = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1u);
+          __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + i), vb);
+          if (relu) v = _mm512_max_ps(z, v);  // max(0, NaN) = NaN, like torch.relu
+          sum = _mm512_mask_add_ps(sum, m, sum, v);
+        }
+        total = _mm512_reduce_add_ps(sum);
+      }
+    }
+#endif
+    for (; i < len; ++i) {
+      if ((q0 + i) % in_w >= out_w) continue;
+      T v = acc[i] + b;
+      if (relu && v < T(0)) v = T(0);
+      total += v;
+    }
+    sums[o] += total;
+  }
+  bool row_blocks() const { return true; }
+  void store_rows(T* part, int64_t ld, int64_t q0, int len, int64_t o0, int64_t o1) const {
+    for (int64_t o = o0; o < o1; ++o) store(part + (o - o0) * ld, q0, len, o);
+  }
+  bool plan(int64_t, int, TileDst<T>&) const { return false; }
+};
+
+// mean_out: null for codebook_conv2d (output at out, strides os); else the global average pool of
+// the output, [N, O] at mean_out (os then only describes a virtual NCHW output for the layout
+// choice). Each task adds into its own per-(image, band) partial sums, reduced after the parallel
+// region: no two tasks write the same sum.
 template <typename T>
 void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
-                    const T* bias, bool relu, T* out, const int64_t* os, const char* op) {
+                    const T* bias, bool relu, T* out, const int64_t* os, const char* op,
+                    T* mean_out = nullptr) {
   const Kernel<T> k = select_kernel<T>(active_isa());
   const int64_t C = g.C;
   const int64_t extra_rows = (g.kh - 1) / g.sh;  // plane rows = band rows + extra_rows
@@ -62,6 +114,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);
   set_blocks(L, C, g.kh * g.kw, cch);
   const int64_t tasks = g.N * nb * ob;
+  std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> buf(lay.elems);
     std::vector<T> part;
@@ -74,43 +127,58 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
       const int64_t rows = std::min(B, g.Ho - r0);
       const int64_t o0 = blk * OB, o1 = std::min(g.O, o0 + OB);
       if (rows <= 0 || o0 >= o1) continue;
-      T* on = out + n * os[0] + r0 * os[2];
+      T* on = out ? out + n * os[0] + r0 * os[2] : nullptr;  // null: mean_out
       if (flat) {
         const int64_t npix = rows * g.W;
         // the band as a 1 x npix image (pixel stride xs[3]), packed by the usual routine
         pack_band(x + n * xs[0] + r0 * xs[2], xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix,
                   lay, buf.data());
+        if (mean_out) {
+          const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, pitch, npix, bias, relu, k.wide};
+          spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), ms, part, walk);
+          continue;
+        }
         const Epilogue<T> ep{on, os[1], 0, os[3], pitch, npix, bias, relu};
         spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), OutSink<T>{ep, k.wide}, part, walk);
         continue;
       }
       pack_band(x + n * xs[0], xs[1], xs[2], xs[3], C, g.H, g.W, r0 * g.sh, g.kw, g.sh, g.sw,
                 g.ph, g.pw, g.Wo, lay, buf.data());
+      if (mean_out) {
+        const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, pitch, g.Wo, bias, relu, k.wide};
+        spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, ms, part, walk);
+        continue;
+      }
       const Epilogue<T> ep{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu};
       spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, OutSink<T>{ep, k.wide}, part, walk);
     }
   });
+  if (!mean_out) return;
+  const T inv = T(1) / static_cast<T>(g.Ho * g.Wo);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t o = 0; o < g.O; ++o) {
+      T total = T(0);
+      for (int64_t band = 0; band < nb; ++band) total += sums[(n * nb + band) * g.O + o];
+      mean_out[n * g.O + o] = total * inv;
+    }
 }
 
 }  // namespace
 
 void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, const Stream& s,
-                  bool relu, at::Tensor& out, const int64_t* os, const char* op) {
+                  bool relu, at::Tensor& out, const int64_t* os, const char* op, bool mean) {
   if (g.N == 0) {  // nothing to compute, but the stream is still validated
     (void)validate_stream(op, "", s, g.C * g.kh * g.kw);
     return;
   }
   const at::Tensor cb = s.codebook.contiguous();
   const at::Tensor b = s.bias.has_value() ? s.bias->contiguous() : at::Tensor();
-  if (x.scalar_type() == at::kFloat) {
-    conv_forward_t<float>(x.data_ptr<float>(), xs, g, s, cb.data_ptr<float>(),
-                          b.defined() ? b.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(),
-                          os, op);
-  } else {
-    conv_forward_t<double>(x.data_ptr<double>(), xs, g, s, cb.data_ptr<double>(),
-                           b.defined() ? b.data_ptr<double>() : nullptr, relu,
-                           out.data_ptr<double>(), os, op);
-  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "codebook_conv2d", [&] {
+    scalar_t* y = out.data_ptr<scalar_t>();
+    conv_forward_t<scalar_t>(x.data_ptr<scalar_t>(), xs, g, s, cb.data_ptr<scalar_t>(),
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, relu,
+                             mean ? nullptr : y, os, op, mean ? y : nullptr);
+  });
 }
 
 namespace {
@@ -131,10 +199,30 @@ at::Tensor codebook_conv2d_cpu(const at::Tensor& x, const at::Tensor& codebook,
   return out;
 }
 
+// The conv's output is never written: each tile is summed into per-(image, band) partial sums in
+// the epilogue (MeanSink). SqueezeNet's classifier conv (1000 x 13 x 13) + AdaptiveAvgPool2d(1).
+at::Tensor codebook_conv2d_global_avg_pool_cpu(const at::Tensor& x, const at::Tensor& codebook,
+                                               const at::Tensor& codes, const at::Tensor& gaps,
+                                               const at::Tensor& row_counts,
+                                               const c10::optional<at::Tensor>& bias,
+                                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, bool relu) {
+  const char* op = "codebook_conv2d_global_avg_pool";
+  const Stream s{codebook, codes, gaps, row_counts, bias};
+  const ConvGeom g = checked_conv_geom(op, x, s, kernel_size, stride, padding);
+  at::Tensor out = at::empty({g.N, g.O, 1, 1}, x.options());
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  // the layout choice sees a contiguous NCHW output (its strides only decide the flat 1x1 path)
+  const int64_t ost[4] = {g.O * g.Ho * g.Wo, g.Ho * g.Wo, g.Wo, 1};
+  conv_forward(x, xs, g, s, relu, out, ost, op, /*mean=*/true);
+  return out;
+}
+
 }  // namespace
 }  // namespace codebook
 }  // namespace sqz
 
 TORCH_LIBRARY_IMPL(sqz_kernels, CPU, m) {
   m.impl("codebook_conv2d", &sqz::codebook::codebook_conv2d_cpu);
+  m.impl("codebook_conv2d_global_avg_pool", &sqz::codebook::codebook_conv2d_global_avg_pool_cpu);
 }

@@ -1079,8 +1079,9 @@ inline ConvRows<T> conv_rows(const char* op, const Stream& s, const ConvGeom& g,
 // The conv driver: x [N, C, H, W] and out [N, O, Ho, Wo] given by element strides xs / os (any
 // layout; the tensors only supply data pointers and dtype, float32 or float64). Validates the
 // stream. Defined in codebook_conv.cpp; codebook_linear runs a linear as a 1 x M "image".
+// mean: out is [N, O, 1, 1], the global average pool of the conv output (never written whole).
 void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, const Stream& s,
-                  bool relu, at::Tensor& out, const int64_t* os, const char* op);
+                  bool relu, at::Tensor& out, const int64_t* os, const char* op, bool mean = false);
 
 }  // namespace codebook
 }  // namespace sqz

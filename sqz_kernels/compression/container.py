@@ -407,6 +407,8 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         # keeps it, or loading into a folded model would silently drop that ReLU
         m.relu = bool(getattr(old, "relu", False))
         m.pool = getattr(old, "pool", None) if isinstance(m, CodebookConv2d) else None  # sk.fold_pool_
+        if isinstance(m, CodebookConv2d):
+            m.global_pool = getattr(old, "global_pool", False)
         m.to(next(iter(old.parameters()), torch.zeros(0)).device)
         m.train(old.training)
         new_mods[name] = m
