@@ -218,7 +218,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
         for (int64_t i = 0; i < ls.plane_rows; ++i) {
           T* r = sbuf.data() + kx * ls.copy_stride + ci * ls.plane + i * P;
           if (kx == 0) r[0] = T(0);
-          std::fill(r + (kx == 2 ? W - 1 : W), r + P, T(0));
+          zero_row(r + (kx == 2 ? W - 1 : W), P - (kx == 2 ? W - 1 : W));
         }
     std::vector<T> part, ptmp, prow;
     std::vector<Walk> walk;

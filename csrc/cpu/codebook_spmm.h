@@ -690,6 +690,23 @@ class AlignedBuffer {
   T* data_;
 };
 
+// Zeroes n contiguous elements: the few padding columns of a row, thousands of times per call,
+// where std::fill became a libc memset call per row (13x13 layers 1.1-1.2x slower than inline).
+template <typename T>
+inline void zero_row(T* d, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m512 z = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const int64_t r = n - i;
+      _mm512_mask_storeu_ps(d + i, r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1u), z);
+    }
+    return;
+  }
+#endif
+  std::fill(d, d + n, T(0));
+}
+
 // Copies n contiguous elements (a row of a few dozen, many thousand times per call: a libc memcpy
 // call per row cost as much as the SpMM of a 1x1 layer).
 template <typename T>
@@ -706,6 +723,28 @@ inline void copy_row(T* d, const T* s, int64_t n) {
   }
 #endif
   std::memcpy(d, s, sizeof(T) * static_cast<size_t>(n));
+}
+
+// copy_row(d, s, n) that also zeroes d[n, room) when that takes no extra store: the last vector
+// is loaded under a mask and stored whole (zeros past n) if it ends within room. Returns whether
+// it did (AVX-512 float; else false and nothing is written). The per-row zeroing of the pitch
+// padding as a separate store cost 13x13 layers 4-5 % (same-process A/B).
+template <typename T>
+inline bool copy_row_zero_tail(T* d, const T* s, int64_t n, int64_t room) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (n <= 0 || round_up(n, 16) != round_up(room, 16) || room % 16 != 0) return false;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_loadu_ps(s + i));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+      _mm512_storeu_ps(d + i, _mm512_maskz_loadu_ps(m, s + i));
+    }
+    return true;
+  }
+#endif
+  (void)d, (void)s, (void)n, (void)room;
+  return false;
 }
 
 // d[i] = s[2 i], i < n (a stride-2 conv's column phase): two loads and a permute per 16 outputs
@@ -757,9 +796,9 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
   // the buffer is not zero-initialised, and the kernels compute the pitch-padding lanes too.
   auto fill_edges = [&](T* d, int64_t kx, bool rin) {
     const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1];
-    if (!rin || ja >= jb) return std::fill(d, d + l.pitch, T(0));
-    std::fill(d, d + ja, T(0));
-    std::fill(d + jb, d + l.pitch, T(0));
+    if (!rin || ja >= jb) return zero_row(d, l.pitch);
+    zero_row(d, ja);
+    zero_row(d + jb, l.pitch - jb);
   };
   if (sC == 1 && sW != 1) {
     // channels-last-like input: pixels outer, channels innermost in the source.
@@ -801,10 +840,15 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
         const bool rin = row_in(i, py, r);
         for (int64_t kx = 0; kx < kw; ++kx) {
           T* d = buf + kx * l.copy_stride + py * l.phase_stride + ci * l.plane + i * l.pitch;
-          fill_edges(d, kx, rin);
           const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1];
-          if (!rin || ja >= jb) continue;
           const T* s = x + ci * sC + r * sH + cols[3 * kx + 2] * sW;
+          if (rin && ja < jb && sw == 1 && sW == 1 &&
+              copy_row_zero_tail(d + ja, s, jb - ja, l.pitch - ja)) {
+            zero_row(d, ja);  // the right padding came with the copy's last vector
+            continue;
+          }
+          fill_edges(d, kx, rin);
+          if (!rin || ja >= jb) continue;
           if (sw == 1 && sW == 1) {
             copy_row(d + ja, s, jb - ja);
           } else if (sw == 2 && sW == 1) {
