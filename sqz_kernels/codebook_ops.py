@@ -48,6 +48,12 @@ def _pair(v: _IntPair, name: str) -> Tuple[int, int]:
     return t  # type: ignore[return-value]
 
 
+def _conv_args(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu):
+    """The leading arguments every codebook conv op's schema shares, ints as [h, w] lists."""
+    return (x, codebook, codes, gaps, row_counts, bias, list(_pair(kernel_size, "kernel_size")),
+            list(_pair(stride, "stride")), list(_pair(padding, "padding")), bool(relu))
+
+
 def codebook_conv2d(
     x: Tensor,
     codebook: Tensor,
@@ -69,9 +75,8 @@ def codebook_conv2d(
     if groups != 1:
         raise ValueError(f"codebook_conv2d: only groups=1 is supported, got {groups!r}")
     return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d,
-                        (x, codebook, codes, gaps, row_counts, bias,
-                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
-                         list(_pair(padding, "padding")), bool(relu)),
+                        _conv_args(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride,
+                                   padding, relu),
                         (x, codebook, bias))
 
 
@@ -100,10 +105,9 @@ def codebook_conv2d_max_pool(
     padding 0, ceil_mode=pool_ceil_mode), computed by one kernel that pools each band of the conv
     output while it is in cache (the full conv output is never written). Output in x's format."""
     return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_max_pool,
-                        (x, codebook, codes, gaps, row_counts, bias,
-                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
-                         list(_pair(padding, "padding")), bool(relu),
-                         *_pool_args(pool_kernel, pool_stride), bool(pool_ceil_mode)),
+                        _conv_args(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride,
+                                   padding, relu)
+                        + (*_pool_args(pool_kernel, pool_stride), bool(pool_ceil_mode)),
                         (x, codebook, bias))
 
 
@@ -129,9 +133,8 @@ def codebook_conv2d_global_avg_pool(
     """adaptive_avg_pool2d(codebook_conv2d(x, ..., relu), 1): [N, O, 1, 1], computed by one kernel
     whose epilogue sums each output tile instead of storing it (the conv output is never written)."""
     return _ops.call_op(torch.ops.sqz_kernels.codebook_conv2d_global_avg_pool,
-                        (x, codebook, codes, gaps, row_counts, bias,
-                         list(_pair(kernel_size, "kernel_size")), list(_pair(stride, "stride")),
-                         list(_pair(padding, "padding")), bool(relu)),
+                        _conv_args(x, codebook, codes, gaps, row_counts, bias, kernel_size, stride,
+                                   padding, relu),
                         (x, codebook, bias))
 
 
@@ -303,26 +306,36 @@ def _conv_grads(need, x, codebook, codes, gaps, row_counts, out, grad, kernel_si
 torch.library.register_autograd("sqz_kernels::codebook_conv2d", _conv_backward, setup_context=_conv_setup)
 
 
-def _conv_pool_setup(ctx, inputs, output):
+def _recompute_setup(ctx, inputs, output):
+    """Setup of the fused conv + pool ops, whose backward recomputes the conv output (never kept)."""
     x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu = inputs[:10]
     ctx.geom = (list(kernel_size), list(stride), list(padding), bool(relu), bias is not None)
-    ctx.pool = (list(inputs[10]), list(inputs[11]), bool(inputs[12]))
     ctx.save_for_backward(x, codebook, codes, gaps, row_counts, bias)
 
 
-def _conv_pool_backward(ctx, grad):
-    # The conv output was never kept: recompute it with the forward kernel, route the gradient
-    # through ATen's max-pool backward (its argmax indices, so ties go where torch sends them),
-    # then take codebook_conv2d's gradients.
+def _recomputed_conv_grads(ctx, grad_of_y):
+    """codebook_conv2d's gradients for the conv output y recomputed with the forward kernel;
+    grad_of_y(y) maps the fused op's output gradient to dL/dy."""
     x, codebook, codes, gaps, row_counts, bias = ctx.saved_tensors
     kernel_size, stride, padding, relu, has_bias = ctx.geom
-    pk, ps, ceil_mode = ctx.pool
     y = torch.ops.sqz_kernels.codebook_conv2d(x.detach(), codebook.detach(), codes, gaps, row_counts,
                                               None if bias is None else bias.detach(), kernel_size,
                                               stride, padding, relu)
-    gy = _ops._max_pool_input_grad(grad, y, pk, ps, [0, 0], ceil_mode)
-    grads = _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, gy,
-                        kernel_size, stride, padding, relu, has_bias)
+    return _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, grad_of_y(y),
+                       kernel_size, stride, padding, relu, has_bias)
+
+
+def _conv_pool_setup(ctx, inputs, output):
+    _recompute_setup(ctx, inputs, output)
+    ctx.pool = (list(inputs[10]), list(inputs[11]), bool(inputs[12]))
+
+
+def _conv_pool_backward(ctx, grad):
+    # Route the gradient through ATen's max-pool backward (its argmax indices, so ties go where
+    # torch sends them), then take codebook_conv2d's gradients.
+    pk, ps, ceil_mode = ctx.pool
+    grads = _recomputed_conv_grads(
+        ctx, lambda y: _ops._max_pool_input_grad(grad, y, pk, ps, [0, 0], ceil_mode))
     return grads + (None, None, None)
 
 
@@ -331,26 +344,12 @@ torch.library.register_autograd("sqz_kernels::codebook_conv2d_max_pool", _conv_p
 
 
 def _conv_mean_backward(ctx, grad):
-    # As for the max-pool: recompute the conv output with the forward kernel (it was never kept);
-    # the average pool spreads grad / (Ho * Wo) over every output pixel.
-    x, codebook, codes, gaps, row_counts, bias = ctx.saved_tensors
-    kernel_size, stride, padding, relu, has_bias = ctx.geom
-    y = torch.ops.sqz_kernels.codebook_conv2d(x.detach(), codebook.detach(), codes, gaps, row_counts,
-                                              None if bias is None else bias.detach(), kernel_size,
-                                              stride, padding, relu)
-    gy = (grad / (y.shape[2] * y.shape[3])).expand(y.shape)
-    return _conv_grads(ctx.needs_input_grad, x, codebook, codes, gaps, row_counts, y, gy,
-                       kernel_size, stride, padding, relu, has_bias)
-
-
-def _conv_mean_setup(ctx, inputs, output):
-    x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu = inputs
-    ctx.geom = (list(kernel_size), list(stride), list(padding), bool(relu), bias is not None)
-    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, bias)
+    # the average pool spreads grad / (Ho * Wo) over every output pixel
+    return _recomputed_conv_grads(ctx, lambda y: (grad / (y.shape[2] * y.shape[3])).expand(y.shape))
 
 
 torch.library.register_autograd("sqz_kernels::codebook_conv2d_global_avg_pool", _conv_mean_backward,
-                                setup_context=_conv_mean_setup)
+                                setup_context=_recompute_setup)
 
 
 def _linear_setup(ctx, inputs, output):

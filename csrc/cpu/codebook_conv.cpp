@@ -119,6 +119,18 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
     AlignedBuffer<T> buf(lay.elems);
     std::vector<T> part;
     std::vector<Walk> walk;
+    // Rows [o0, o1) over the first npix pixels of the packed band: stored through ep, or (mean)
+    // summed into the (image, band)'s partial sums over ep's valid columns.
+    auto emit = [&](const Epilogue<T>& ep, int64_t npix, int64_t n, int64_t band, int64_t o0,
+                    int64_t o1) {
+      if (mean_out) {
+        const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, ep.in_w, ep.out_w, bias, relu,
+                             k.wide};
+        spmm_rows(k, buf.data(), L, o0, o1, npix, ms, part, walk);
+      } else {
+        spmm_rows(k, buf.data(), L, o0, o1, npix, OutSink<T>{ep, k.wide}, part, walk);
+      }
+    };
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
@@ -133,24 +145,14 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
         // the band as a 1 x npix image (pixel stride xs[3]), packed by the usual routine
         pack_band(x + n * xs[0] + r0 * xs[2], xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix,
                   lay, buf.data());
-        if (mean_out) {
-          const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, pitch, npix, bias, relu, k.wide};
-          spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), ms, part, walk);
-          continue;
-        }
-        const Epilogue<T> ep{on, os[1], 0, os[3], pitch, npix, bias, relu};
-        spmm_rows(k, buf.data(), L, o0, o1, round_up(npix, kVec), OutSink<T>{ep, k.wide}, part, walk);
+        emit(Epilogue<T>{on, os[1], 0, os[3], pitch, npix, bias, relu}, round_up(npix, kVec), n,
+             band, o0, o1);
         continue;
       }
       pack_band(x + n * xs[0], xs[1], xs[2], xs[3], C, g.H, g.W, r0 * g.sh, g.kw, g.sh, g.sw,
                 g.ph, g.pw, g.Wo, lay, buf.data());
-      if (mean_out) {
-        const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, pitch, g.Wo, bias, relu, k.wide};
-        spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, ms, part, walk);
-        continue;
-      }
-      const Epilogue<T> ep{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu};
-      spmm_rows(k, buf.data(), L, o0, o1, rows * pitch, OutSink<T>{ep, k.wide}, part, walk);
+      emit(Epilogue<T>{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu}, rows * pitch, n, band, o0,
+           o1);
     }
   });
   if (!mean_out) return;

@@ -217,8 +217,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       for (int64_t ci = 0; ci < S; ++ci)
         for (int64_t i = 0; i < ls.plane_rows; ++i) {
           T* r = sbuf.data() + kx * ls.copy_stride + ci * ls.plane + i * P;
+          const int64_t written_end = kx == 2 ? W - 1 : W;  // copy 2 stops a column early
           if (kx == 0) r[0] = T(0);
-          zero_row(r + (kx == 2 ? W - 1 : W), P - (kx == 2 ? W - 1 : W));
+          zero_row(r + written_end, P - written_end);
         }
     std::vector<T> part, ptmp, prow;
     std::vector<Walk> walk;
