@@ -21,6 +21,12 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512BW__) && !defined(__CUDACC__)
+#include <immintrin.h>
+
+#include "cpu/isa.h"
+#endif
+
 #if defined(__CUDACC__)
 #define SQZ_HD __host__ __device__
 #else
@@ -90,6 +96,36 @@ inline int64_t check_stream(const char* op, const char* pre, const at::Tensor& x
   return rows;
 }
 
+#if defined(__AVX512BW__) && !defined(__CUDACC__)
+// True if every non-filler code is <= nmax and every row's last cursor (-1 + sum(gap + 1) -
+// #fillers) is < K: validate_stream's two checks in one pass, 64 entries per step (a masked load
+// of gaps and codes per row, gap + 1 summed by a SAD; a filler's 255 stays 255). Rows are short
+// (SqueezeNet 1.1 at 33 %: 5-170 entries), and the scalar loops ran at ~0.4 ns per entry plus a
+// setup per row - 100 us of every forward of the compressed network (26 streams, 0.4 M entries).
+// On false, the scalar checks find and name the culprit.
+inline bool stream_ok_avx512(const uint8_t* gp, const uint8_t* cp, uint8_t nmax,
+                             const int64_t* rs, int64_t rows, int64_t K) {
+  const __m512i filler = _mm512_set1_epi8(static_cast<char>(kFillerGap));
+  const __m512i vmax = _mm512_set1_epi8(static_cast<char>(nmax));
+  const __m512i one = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  __mmask64 bad = 0;
+  int64_t worst = -1;  // the largest last cursor of any row
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i acc = zero;  // 8 x u64 partial sums
+    for (int64_t e = rs[r]; e < rs[r + 1]; e += 64) {
+      const int64_t left = rs[r + 1] - e;
+      const __mmask64 m = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+      const __m512i g = _mm512_maskz_loadu_epi8(m, gp + e);  // lanes past the row read as 0
+      const __mmask64 real = _mm512_mask_cmpneq_epu8_mask(m, g, filler);
+      bad |= _mm512_mask_cmpgt_epu8_mask(real, _mm512_maskz_loadu_epi8(m, cp + e), vmax);
+      acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_mask_add_epi8(g, real, g, one), zero));
+    }
+    worst = std::max(worst, -1 + static_cast<int64_t>(_mm512_reduce_add_epi64(acc)));
+  }
+  return bad == 0 && worst < K;
+}
+#endif
+
 // Validates one layer's stream in O(E) with branch-free, vectorisable loops: row_counts >= 0 and
 // summing to E; every non-filler code < n; every cursor < K (cursors only grow within a row, so it
 // suffices that each row's last cursor -1 + sum(gap + 1) - #fillers is < K). After this, any walk
@@ -115,8 +151,12 @@ inline RowStarts validate_stream(const char* op, const char* pre, const Stream& 
   rs[rows] = total;
   TORCH_CHECK(total == E, op, ": ", pre, "row_counts sum to ", total, " but codes/gaps have ", E,
               " entries");
-  // codes: every non-filler code must be < n (branch-free, in blocks of 64 entries).
   const uint8_t nmax = static_cast<uint8_t>(n - 1);  // n in [1, 256]
+#if defined(__AVX512BW__) && !defined(__CUDACC__)
+  if (sqz::active_isa() == sqz::Isa::Avx512 && stream_ok_avx512(gp, cp, nmax, rs.data(), rows, K))
+    return rs;
+#endif
+  // codes: every non-filler code must be < n (branch-free, in blocks of 64 entries).
   uint8_t bad = 0;
   int64_t e = 0;
   for (; e + 64 <= E; e += 64) {

@@ -244,6 +244,30 @@ def test_fused_fire_no_bias_threads_noncontiguous():
     assert co.codebook_fused_fire(x[:0], *args(layers[0]), *args(layers[1]), *args(layers[2])).shape == (0, 16, 11, 9)
 
 
+@pytest.mark.parametrize("band_bytes", ["1", "30000", "100000000"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_fire_band_sizes(band_bytes, threads, monkeypatch):
+    """Bands of one row (every band but a thread's first takes the two squeeze rows it shares with
+    the previous band from the squeeze buffer), a few rows, one band per image; 3 threads on one
+    image split output channels of one band (the squeeze is reused across them). Two images: a
+    band must not reuse squeeze rows of the other image."""
+    monkeypatch.setenv("SQZ_FIRE_BAND_BYTES", band_bytes)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for C, S, E1, E3, H, W, N in ((20, 6, 8, 8, 23, 21, 2), (12, 5, 3, 4, 9, 35, 1)):
+            layers = _fire_layers(C, S, E1, E3, 0.4, seed=H)
+            for cl in (False, True):
+                x = torch.randn(N, C, H, W)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                _poison((N, E1 + E3, H, W), torch.float32)
+                y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+                _close(y, _fire_ref(x, layers))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_scratch_is_not_assumed_zero():
     """The per-call scratch (packed input band, Fire squeeze buffer) is not zero-initialised: the
     kernels must write every element they read. A first call on an all-NaN input leaves NaN in
@@ -294,6 +318,48 @@ def test_bad_inputs(mutate, match):
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
         co.codebook_conv2d(x, a["codebook"], a["codes"], a["gaps"], a["row_counts"], a["bias"], 3, 1, 1, True)
+
+
+def _stream(rows, K):
+    """A linear layer's stream from per-row lists of gaps (255 = filler); codes 1, codebook [0, 1]."""
+    gaps = torch.tensor([g for r in rows for g in r], dtype=torch.uint8)
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    return dict(codebook=torch.tensor([0.0, 1.0]), codes=torch.ones(len(gaps), dtype=torch.uint8),
+                gaps=gaps, row_counts=counts, bias=None, K=K)
+
+
+def _run_linear(a):
+    x = torch.ones(1, a["K"])
+    return co.codebook_linear(x, a["codebook"], a["codes"], a["gaps"], a["row_counts"], a["bias"])
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 63, 64, 65, 130])
+def test_validation_at_the_bounds(length, isa):
+    """Every ISA's validation pass (the AVX-512 one checks 64 entries per step) accepts rows whose
+    last cursor is K - 1 and rejects them at K - 1 = K' (one position too few), for rows around
+    the 64-entry step, with a filler; finds a bad code inside a long row and ignores a filler's."""
+    if length >= 2:  # a filler (cursor 254), zeros, then a gap that ends the row at K - 1
+        K = 300 + length
+        row = [255] + [0] * (length - 2) + [K - 254 - length]
+    else:
+        K = 100
+        row = [99] * length
+    assert -1 + sum(255 if g == 255 else g + 1 for g in row) == (K - 1 if length else -1)
+    rows = [row, [0], [], row]
+    y = _run_linear(_stream(rows, K))
+    assert y.tolist() == [[float(sum(g != 255 for g in r)) for r in rows]]
+    if length:
+        with pytest.raises(RuntimeError, match="gaps run past the end of row 0"):
+            _run_linear(_stream(rows, K - 1))
+        a = _stream(rows, K)
+        i = len(row) + 1 + length // 2  # an entry of the last row (not a filler)
+        a["codes"][i] = 2
+        with pytest.raises(RuntimeError, match=rf"codes\[{i}\] = 2 is out of range"):
+            _run_linear(a)
+        if length >= 2:
+            a = _stream(rows, K)
+            a["codes"][len(row) + 1] = 7  # the last row's filler: its code is never read
+            _run_linear(a)
 
 
 def test_bad_geometry_and_fire_names():
