@@ -89,7 +89,7 @@ cxx_flags = ["-O3", f"-march={march}", "-g0", "-fno-math-errno", "-fopenmp"]  # 
 # No --use_fast_math: the fp32 path must stay IEEE-exact FFMA. -Xptxas=-v reports registers/spills.
 nvcc_flags = ["-O3", "-Xptxas=-v", "-lineinfo"]
 
-sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/registration.cpp", "csrc/python_calls.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(HERE, "csrc")]
 define_macros = []
 if use_cuda:

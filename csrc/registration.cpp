@@ -61,12 +61,4 @@ TORCH_LIBRARY(sqz_kernels, m) {
       "bool pool_ceil_mode) -> Tensor");
 }
 
-#ifndef SQZ_NO_PYTHON
-#include <Python.h>
-// The extension is imported from Python only to load the .so (which runs the registrations
-// above); it defines no Python functions of its own. The CMake (LibTorch) build has no Python.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif
+// The Python module's init (PyInit__C) and its one function live in csrc/python_calls.cpp.

@@ -18,14 +18,23 @@ __all__ = ["fused_fire", "fire_reference", "max_pool2d", "cpu_isa", "set_cpu_isa
 # every call, even in no_grad / inference, and costs ~23 us (tiny codebook_conv2d: 40 -> 17 us per
 # call, measured here). When no gradient can flow, call_op dispatches below it.
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+# Whether call_op uses _C.call below autograd (tests and A/B measurements switch it off).
+_USE_C_CALL = True
 
 
 def call_op(op, args, grad_inputs):
     """op(*args); straight to the backend kernel when grad mode is off or no tensor of
-    `grad_inputs` requires grad (never while torch.compile traces: it sees the plain op call)."""
+    `grad_inputs` requires grad (never while torch.compile traces: it sees the plain op call).
+    Below autograd the call goes through _C.call (csrc/python_calls.cpp: the same dispatcher call
+    with a ~10 us shorter Python binding), unless an argument or mode needs torch.ops' handling of
+    __torch_function__ (then _C.call returns NotImplemented)."""
     if _BELOW_AUTOGRAD is not None and not torch.compiler.is_compiling() and (
             not torch.is_grad_enabled()
             or not any(t is not None and t.requires_grad for t in grad_inputs)):
+        if _USE_C_CALL:
+            out = _C.call(op.__name__, *args)
+            if out is not NotImplemented:
+                return out
         with _BELOW_AUTOGRAD():
             return op(*args)
     return op(*args)

@@ -1,0 +1,146 @@
+// The Python module sqz_kernels._C: importing it loads this .so, whose static initialisers register
+// the ops (csrc/registration.cpp + the backends). It has one function:
+//
+//   _C.call(op_name, *args) -> Tensor
+//
+// calls the op `op_name` ("codebook_conv2d", ...) through the dispatcher below the autograd keys,
+// converting the arguments by the op's schema. Why: a layer at batch 1 is 30-100 us of kernel, and
+// torch.ops' generic Python path (OpOverloadPacket, per-argument IValue conversion by schema in
+// torch_python, the below-autograd context manager in Python) cost ~10 us per call here; a Fire
+// passes 16 tensors. This converts the few argument types our schemas use directly. The call still
+// goes through the dispatcher (backend selection, profiler records, dispatch modes); only the
+// Python binding is shorter. Callers (sqz_kernels/ops.py: call_op) use it only where no gradient
+// can flow and outside torch.compile -
+// elsewhere torch.ops is called as before. It returns NotImplemented (the caller then uses torch.ops)
+// when a tensor argument is a subclass with __torch_function__ or a torch function mode is on.
+//
+// Not built into the LibTorch (CMake) library, which has no Python.
+#include <Python.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+const c10::OperatorHandle& op_handle(const char* name) {
+  // Handles are stable for the life of the process; found once per op name.
+  static std::unordered_map<std::string, c10::OperatorHandle> handles;
+  auto it = handles.find(name);
+  if (it == handles.end()) {
+    auto h = c10::Dispatcher::singleton().findSchema({std::string("sqz_kernels::") + name, ""});
+    TORCH_CHECK_VALUE(h.has_value(), "sqz_kernels._C.call: no op sqz_kernels::", name);
+    it = handles.emplace(name, *h).first;
+  }
+  return it->second;
+}
+
+// True for a tensor whose class overrides __torch_function__ (a plain tensor or an nn.Parameter,
+// whose override is torch's "disabled" one, does not).
+bool overrides_torch_function(PyObject* o) {
+  if (THPVariable_CheckExact(o)) return false;
+  static PyObject* disabled = [] {
+    PyObject* c = PyImport_ImportModule("torch._C");
+    PyObject* f = c ? PyObject_GetAttrString(c, "_disabled_torch_function_impl") : nullptr;
+    Py_XDECREF(c);
+    return f;  // kept for the life of the process
+  }();
+  if (!disabled) throw python_error();
+  PyObject* f = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(o)), "__torch_function__");
+  if (!f) throw python_error();
+  const bool overrides = f != disabled;
+  Py_DECREF(f);
+  return overrides;
+}
+
+int64_t to_int(PyObject* o, const std::string& arg) {
+  TORCH_CHECK_TYPE(PyLong_Check(o) && !PyBool_Check(o), "argument '", arg, "' must be an int");
+  const int64_t v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw python_error();
+  return v;
+}
+
+// One argument, converted to the schema's type. Only the types of sqz_kernels' schemas.
+c10::IValue to_ivalue(PyObject* o, const c10::Argument& a) {
+  const c10::TypePtr& t = a.type();
+  switch (t->kind()) {
+    case c10::TypeKind::TensorType:
+      TORCH_CHECK_TYPE(THPVariable_Check(o), "argument '", a.name(), "' must be a Tensor");
+      return THPVariable_Unpack(o);
+    case c10::TypeKind::OptionalType:
+      if (o == Py_None) return c10::IValue();
+      TORCH_CHECK_TYPE(t->castRaw<c10::OptionalType>()->getElementType()->kind() ==
+                               c10::TypeKind::TensorType && THPVariable_Check(o),
+                       "argument '", a.name(), "' must be a Tensor or None");
+      return THPVariable_Unpack(o);
+    case c10::TypeKind::BoolType:
+      TORCH_CHECK_TYPE(PyBool_Check(o), "argument '", a.name(), "' must be a bool");
+      return o == Py_True;
+    case c10::TypeKind::IntType:
+      return to_int(o, a.name());
+    case c10::TypeKind::ListType: {
+      TORCH_CHECK_TYPE(t->castRaw<c10::ListType>()->getElementType()->kind() == c10::TypeKind::IntType &&
+                           (PyList_Check(o) || PyTuple_Check(o)),
+                       "argument '", a.name(), "' must be a list or tuple of ints");
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+      PyObject** items = PySequence_Fast_ITEMS(o);
+      std::vector<int64_t> v(static_cast<size_t>(n));
+      for (Py_ssize_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = to_int(items[i], a.name());
+      return v;
+    }
+    default:
+      TORCH_CHECK_TYPE(false, "sqz_kernels._C.call: argument '", a.name(), "' has type ", t->str(),
+                       ", which call does not convert (use torch.ops)");
+  }
+}
+
+PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs >= 1 && PyUnicode_Check(args[0]),
+                   "sqz_kernels._C.call(op_name, *args): op_name must be a str");
+  const char* name = PyUnicode_AsUTF8(args[0]);
+  if (!name) throw python_error();
+  const c10::OperatorHandle& op = op_handle(name);
+  const auto& schema_args = op.schema().arguments();
+  TORCH_CHECK_TYPE(static_cast<size_t>(nargs - 1) == schema_args.size(), "sqz_kernels::", name,
+                   " takes ", schema_args.size(), " arguments, got ", nargs - 1);
+  // A tensor subclass or an active __torch_function__ mode must see the call: NotImplemented
+  // tells the caller to use torch.ops (which handles them).
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  for (size_t i = 0; i < schema_args.size(); ++i)
+    if (THPVariable_Check(args[i + 1]) && overrides_torch_function(args[i + 1]))
+      Py_RETURN_NOTIMPLEMENTED;
+  torch::jit::Stack stack;
+  stack.reserve(schema_args.size());
+  for (size_t i = 0; i < schema_args.size(); ++i) stack.push_back(to_ivalue(args[i + 1], schema_args[i]));
+  {
+    pybind11::gil_scoped_release no_gil;
+    // Below the autograd keys: the caller has checked that no gradient can flow (as
+    // torch._C._AutoDispatchBelowAutograd in ops.call_op).
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
+    op.callBoxed(&stack);
+  }
+  TORCH_INTERNAL_ASSERT(stack.size() == 1 && stack[0].isTensor());
+  return THPVariable_Wrap(std::move(stack[0]).toTensor());
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call)), METH_FASTCALL,
+     "call(op_name, *args): torch.ops.sqz_kernels.<op_name>(*args) below autograd, with a short "
+     "argument conversion (see csrc/python_calls.cpp)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
