@@ -28,27 +28,12 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import sqz_kernels  # noqa: E402,F401
 from sqz_kernels import codebook_ops as co  # noqa: E402
 from sqz_kernels import ops as sk_ops  # noqa: E402
+from sqz_kernels.benchutil import keep_freed_memory  # noqa: E402
 from sqz_kernels.models import FIRE_CONFIGS  # noqa: E402
 from codebook_helpers import args, make_layer  # noqa: E402
 
 BITS = 6
 DENSITIES = (1.0, 0.33, 0.1)
-
-
-def keep_freed_memory():
-    """Stop glibc malloc from handing freed blocks back to the OS (mmap threshold and trim
-    threshold 1 GB). Alternating two layers that each allocate a multi-MB output otherwise makes
-    the allocator return and re-fault those pages on every call: conv1 of SqueezeNet 1.1
-    interleaved with the eager conv took 795 page faults and 2.15 ms per codebook call against 0
-    and 0.41 ms alone (a whole-network forward has 0 faults in steady state). Both sides of every
-    comparison get the same allocator. No-op where mallopt is not glibc's."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def conv_cases(version):

@@ -62,3 +62,13 @@ def make_layer(O, K, density, bits, dtype=torch.float32, seed=0, bias=True, forc
 
 def args(layer):
     return layer["codebook"], layer["codes"], layer["gaps"], layer["row_counts"], layer["bias"]
+
+
+def bad_stream_args(L, row_counts_long=False, codes_oob=False):
+    """args(L) with row_counts as int64 and / or every code out of range (bad-input tests)."""
+    cb, codes, gaps, counts, bias = args(L)
+    if row_counts_long:
+        counts = counts.long()
+    if codes_oob:
+        codes = codes.clone().fill_(200)
+    return cb, codes, gaps, counts, bias

@@ -14,7 +14,7 @@ import sqz_kernels as sk
 from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
-from codebook_helpers import args, make_layer  # noqa: E402
+from codebook_helpers import args, bad_stream_args, make_layer  # noqa: E402
 
 
 def _ref(x, L, C, k, s, p, relu):
@@ -96,12 +96,9 @@ def test_nan_propagates():
     (dict(kernel=12), "larger than the padded input"),
 ])
 def test_bad_input_raises(bad, match):
-    L = make_layer(4, 27, 0.5, 3, seed=0)
-    cb, codes, gaps, counts, bias = args(L)
-    if bad.get("row_counts_long"):
-        counts = counts.long()
-    if bad.get("codes_oob"):
-        codes = codes.clone().fill_(200)
+    cb, codes, gaps, counts, bias = bad_stream_args(make_layer(4, 27, 0.5, 3, seed=0),
+                                                    bad.get("row_counts_long", False),
+                                                    bad.get("codes_oob", False))
     x = torch.randn(3, 10, 10) if bad.get("x3d") else torch.randn(1, 3, 10, 10)
     with pytest.raises((RuntimeError, ValueError), match=match):
         co.codebook_conv2d_global_avg_pool(x, cb, codes, gaps, counts, bias, bad.get("kernel", 3), 1, 0,

@@ -13,7 +13,7 @@ import sqz_kernels as sk
 from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
-from codebook_helpers import args, make_layer  # noqa: E402
+from codebook_helpers import args, bad_stream_args, make_layer  # noqa: E402
 
 def _ref(x, L, C, k, s, p, relu, pk, ps, ceil):
     O = L["row_counts"].shape[0]
@@ -108,12 +108,9 @@ def test_nan_propagates_like_the_two_op_path():
     (dict(codes_oob=True), "codes"),
 ])
 def test_bad_input_raises(bad, match):
-    L = make_layer(4, 27, 0.5, 3, seed=0)
-    cb, codes, gaps, counts, bias = args(L)
-    if bad.get("row_counts_long"):
-        counts = counts.long()
-    if bad.get("codes_oob"):
-        codes = codes.clone().fill_(200)
+    cb, codes, gaps, counts, bias = bad_stream_args(make_layer(4, 27, 0.5, 3, seed=0),
+                                                    bad.get("row_counts_long", False),
+                                                    bad.get("codes_oob", False))
     with pytest.raises((RuntimeError, ValueError), match=match):
         co.codebook_conv2d_max_pool(torch.randn(1, 3, 10, 10), cb, codes, gaps, counts, bias, 3, 1, 0,
                                     True, bad.get("pool_kernel", 3), bad.get("pool_stride", 2))

@@ -99,11 +99,10 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   int64_t B = ceil_div(g.Ho, nb);
   if (g.N * nb >= nthreads) B = balanced_band_rows(g.Ho, g.N, B, nthreads);
   nb = ceil_div(g.Ho, B);
-  // Band i: rows [i Ho / nb, (i + 1) Ho / nb), as even as they go (B is the largest). Bands of B
-  // rows and a short last one gave one thread 16 of 27 rows in 4 bands (same-process A/B, 2
-  // threads: SqueezeNet 1.1's conv1 without its pool 1.26x).
-  B = ceil_div(g.Ho, nb);
-  auto band_r0 = [&](int64_t band) { return band * g.Ho / nb; };
+  // Even bands (same-process A/B, 2 threads: SqueezeNet 1.1's conv1 without its pool 1.26x over
+  // bands of B rows and a short last one).
+  const EvenBands bands{g.Ho, nb};
+  B = bands.largest();
   int64_t ob = 1;
   if (g.N * nb < nthreads) ob = std::min(g.O, ceil_div(nthreads, g.N * nb));
   const int64_t OB = ceil_div(g.O, ob);
@@ -140,8 +139,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
       const int64_t blk = t % ob;
-      const int64_t r0 = band_r0(band);
-      const int64_t rows = band_r0(band + 1) - r0;
+      const int64_t r0 = bands.start(band);
+      const int64_t rows = bands.start(band + 1) - r0;
       const int64_t o0 = blk * OB, o1 = std::min(g.O, o0 + OB);
       if (rows <= 0 || o0 >= o1) continue;
       T* on = out ? out + n * os[0] + r0 * os[2] : nullptr;  // null: mean_out

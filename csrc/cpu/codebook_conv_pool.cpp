@@ -63,9 +63,8 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
   P = ceil_div(pg.Ho, nb);
   if (g.N * nb >= nthreads) P = balanced_band_rows(pg.Ho, g.N, P, nthreads);
   nb = ceil_div(pg.Ho, P);
-  // Band i: pooled rows [i Ho / nb, (i + 1) Ho / nb), as even as they go (P is the largest).
-  P = ceil_div(pg.Ho, nb);
-  auto band_p0 = [&](int64_t band) { return band * pg.Ho / nb; };
+  const EvenBands bands{pg.Ho, nb};  // of pooled rows
+  P = bands.largest();
   int64_t ob = 1;
   if (g.N * nb < nthreads) ob = std::min(g.O, ceil_div(nthreads, g.N * nb));
   const int64_t OB = ceil_div(g.O, ob);
@@ -91,7 +90,7 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
     std::vector<T> row = pool::plane_scratch<T>(pg);
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / (nb * ob), band = (t / ob) % nb, blk = t % ob;
-      const int64_t p0 = band_p0(band), p1 = band_p0(band + 1);
+      const int64_t p0 = bands.start(band), p1 = bands.start(band + 1);
       const int64_t o0 = blk * OB, o1 = std::min(g.O, o0 + OB);
       if (p0 >= p1 || o0 >= o1) continue;
       const int64_t r0 = p0 * pg.sh;

@@ -135,13 +135,12 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   } else {
     if (N * nb >= nthreads) B = balanced_band_rows(HB, N, B, nthreads);
     nb = ceil_div(HB, B);
-    B = ceil_div(HB, nb);  // the largest band of the even split below
+    B = EvenBands{HB, nb}.largest();
   }
-  // Band i: rows (pooled: pooled rows) [i HB / nb, (i + 1) HB / nb), as even as they go. Bands of
-  // B rows and a short last one left SqueezeNet 1.0's 54-row Fires 10 / 10 / 10 / 10 / 10 / 4:
-  // 30 rows on one thread, 24 on the other (same-process A/B, 2 threads, 33 % block-4: 1.0's
-  // fire2 / fire3 / fire5 1.10x / 1.08x / 1.10x, 1.1's fire5 without its pool 1.09x).
-  auto band_p0 = [&](int64_t band) { return band * HB / nb; };
+  // Even bands of rows (pooled: of pooled rows). Same-process A/B against bands of B rows and a
+  // short last one, 2 threads, 33 % block-4: 1.0's fire2 / fire3 / fire5 1.10x / 1.08x / 1.10x,
+  // 1.1's fire5 without its pool 1.09x.
+  const EvenBands bands{HB, nb};
   int64_t ob = 1;
   if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
 
@@ -294,9 +293,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       const int64_t n = t / (nb * ob);
       const int64_t band = (t / ob) % nb;
       const int64_t blk = t % ob;
-      const int64_t p0 = pg ? band_p0(band) : 0, p1 = pg ? band_p0(band + 1) : 0;
-      const int64_t r0 = pg ? p0 * pg->sh : band_p0(band);
-      const int64_t rows = pg ? fire_rows_of(p1) - r0 : band_p0(band + 1) - r0;
+      const int64_t p0 = pg ? bands.start(band) : 0, p1 = pg ? bands.start(band + 1) : 0;
+      const int64_t r0 = pg ? p0 * pg->sh : bands.start(band);
+      const int64_t rows = pg ? fire_rows_of(p1) - r0 : bands.start(band + 1) - r0;
       const int64_t c0 = cblk[blk], c1 = cblk[blk + 1];
       if (rows <= 0 || c0 >= c1 || (pg && p0 >= p1)) continue;
       // Pooled: Fire rows this thread computed for the previous band of the same channel block
@@ -304,7 +303,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
       // only a thread's first band recomputes them.
       int64_t carry = 0;
       if (pg && band > 0 && t - ob >= b) {
-        const int64_t pr0 = band_p0(band - 1) * pg->sh;
+        const int64_t pr0 = bands.start(band - 1) * pg->sh;
         const int64_t prows = fire_rows_of(p0) - pr0;
         carry = std::max<int64_t>(0, std::min(rows, pr0 + prows - r0));
         for (int64_t o = c0; o < c1 && carry > 0; ++o) {
