@@ -85,7 +85,8 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
     AlignedBuffer<T> buf(lay.elems);
     // every element the pool reads is written by the band's epilogue first: no zero fill
     std::unique_ptr<T[]> conv(new T[static_cast<size_t>(g.O * conv_plane)]);
-    std::vector<T> part, tmp;
+    Scratch<T> part;
+    std::vector<T> tmp;
     std::vector<Walk> walk;
     std::vector<T> row = pool::plane_scratch<T>(pg);
     for (int64_t t = b; t < e; ++t) {

@@ -225,7 +225,8 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
           if (kx == 0) r[0] = T(0);
           zero_row(r + written_end, P - written_end);
         }
-    std::vector<T> part, ptmp, prow;
+    Scratch<T> part;
+    std::vector<T> ptmp, prow;
     std::vector<Walk> walk;
     // pooled: the band's Fire output (every element the pool reads is written first: no fill)
     std::unique_ptr<T[]> fbuf(pg ? new T[static_cast<size_t>(Eout * fire_plane)] : nullptr);
