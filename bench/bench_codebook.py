@@ -13,9 +13,7 @@ Two ways to run it:
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import sqz_kernels  # noqa: E402,F401
 from sqz_kernels import codebook_ops as co  # noqa: E402
 from sqz_kernels import ops as sk_ops  # noqa: E402
-from sqz_kernels.benchutil import keep_freed_memory  # noqa: E402
+from sqz_kernels.benchutil import alternate, keep_freed_memory  # noqa: E402
 from sqz_kernels.models import FIRE_CONFIGS  # noqa: E402
 from codebook_helpers import args, make_layer  # noqa: E402
 
@@ -99,24 +97,6 @@ def build_fire(case, density, fmt, seed=0, block=1):
     return fns, macs
 
 
-def alternate(fns, rounds=15, target_s=0.004):
-    """Median seconds per call of each fn, alternating the fns round by round."""
-    names = list(fns)
-    for n in names:
-        fns[n]()
-    t0 = time.perf_counter()
-    fns[names[0]]()
-    inner = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
-    ts = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in names:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fns[n]()
-            ts[n].append((time.perf_counter() - t0) / inner)
-    return {n: statistics.median(v) for n, v in ts.items()}, {n: min(v) for n, v in ts.items()}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", default="1_0,1_1")
@@ -149,7 +129,8 @@ def main(argv=None):
                         continue
                     for d in (float(v) for v in a.densities.split(",")):
                         fns, macs = (build_fire if kind == "fire" else build_conv)(case, d, fmt, block=a.block)
-                        t, m = alternate(fns, a.rounds)
+                        t, m = alternate(fns, rounds=a.rounds, warmup=1, budget_s=float("inf"),
+                                         target_s=0.004, with_min=True)
                         fused = t.get("fusedfire")
                         fms = "" if fused is None else f"{fused * 1e3:.3f}"
                         fr = "" if fused is None else f"{fused / t['codebook']:.2f}"

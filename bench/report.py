@@ -13,7 +13,8 @@ import time
 import torch
 
 import sqz_kernels as sk
-from sqz_kernels.benchutil import alternate, fire_macs, gflops, onnxruntime_runner, threads
+from sqz_kernels.benchutil import (alternate, fire_macs, gflops, keep_freed_memory, onnxruntime_runner,
+                                  threads)
 from sqz_kernels.fire import EagerFire
 from sqz_kernels.models import FIRE_CONFIGS
 
@@ -106,6 +107,9 @@ def main():
     p.add_argument("--network-only", action="store_true",
                    help="only the whole-network table (default --out bench/results/network_summary.md)")
     args = p.parse_args()
+    # alternating Fires that each allocate a multi-MB output would otherwise re-fault its pages on
+    # every call (see keep_freed_memory); every candidate gets the same allocator
+    keep_freed_memory()
     if args.network_only:
         args.threads = []
         if args.out == p.get_default("out"):

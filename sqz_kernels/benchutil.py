@@ -6,7 +6,7 @@ made side by side: the candidates run in alternating rounds and each one's media
 import io
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -23,12 +23,23 @@ def gflops(macs: int, seconds: float) -> float:
 
 
 def alternate(fns: Dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3,
-              warmup: int = 2, budget_s: float = 10.0) -> Dict[str, float]:
-    """Median seconds per call of each fn, measured in alternating rounds (A B A B ...)."""
+              warmup: int = 2, budget_s: float = 10.0, target_s: Optional[float] = None,
+              with_min: bool = False):
+    """Median seconds per call of each fn, measured in alternating rounds (A B A B ...).
+
+    inner: calls per timed round; with target_s it is instead chosen after the warm-up so that a
+    round of the first fn takes about target_s. Rounds stop early once budget_s has passed (after
+    at least 3). with_min: return (medians, fastest round of each), the fastest round being the
+    robust figure on a shared machine."""
     with torch.no_grad():
         for _ in range(warmup):
             for f in fns.values():
                 f()
+        if target_s is not None:
+            first = next(iter(fns.values()))
+            t0 = time.perf_counter()
+            first()
+            inner = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
         times = {k: [] for k in fns}
         start = time.perf_counter()
         for r in range(rounds):
@@ -39,7 +50,8 @@ def alternate(fns: Dict[str, Callable[[], object]], rounds: int = 15, inner: int
                 times[k].append((time.perf_counter() - t0) / inner)
             if time.perf_counter() - start > budget_s and r >= 2:
                 break
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return (med, {k: min(v) for k, v in times.items()}) if with_min else med
 
 
 def keep_freed_memory():

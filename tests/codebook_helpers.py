@@ -72,3 +72,36 @@ def bad_stream_args(L, row_counts_long=False, codes_oob=False):
     if codes_oob:
         codes = codes.clone().fill_(200)
     return cb, codes, gaps, counts, bias
+
+
+def compressed_squeezenet(arch="squeezenet1_1"):
+    """SqueezeNet (EagerFire) with random weights, compressed at 33 % / 6 bit (the fold tests)."""
+    import sqz_kernels as sk
+    torch.manual_seed(0)
+    model = getattr(sk.models, arch)(fire_cls=sk.EagerFire).eval()
+    sk.compress(model, density=0.33, bits=6, progress=False)
+    return model
+
+
+def fold_save_load(model, x, tmp_path):
+    """The part the pool-fold tests share, on a compressed SqueezeNet `model` (left unchanged):
+    sk.fold_pool_ on a copy folds 4 pools (conv1's and two Fires' max-pools, the classifier's
+    mean) and nothing more on a second pass, keeps the state_dict keys and model(x); a file saved
+    from `model` loads into another folded copy with the same output. Returns (folded, loaded,
+    model(x)) for each test's own checks of its fold."""
+    import copy
+
+    import sqz_kernels as sk
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        folded = copy.deepcopy(model)
+        assert sk.fold_pool_(folded) == 4
+        assert sk.fold_pool_(folded) == 0
+        assert list(folded.state_dict()) == keys
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+        path = tmp_path / "model.sqz"
+        sk.save(model, path)
+        loaded = sk.load(path, copy.deepcopy(folded))
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
+    return folded, loaded, ref

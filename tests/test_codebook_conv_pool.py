@@ -13,7 +13,8 @@ import sqz_kernels as sk
 from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
-from codebook_helpers import args, bad_stream_args, make_layer  # noqa: E402
+from codebook_helpers import (args, bad_stream_args, compressed_squeezenet, fold_save_load,  # noqa: E402
+                              make_layer)
 
 def _ref(x, L, C, k, s, p, relu, pk, ps, ceil):
     O = L["row_counts"].shape[0]
@@ -141,28 +142,16 @@ def test_opcheck_gradcheck_compile():
     torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="eager")(xf), g(xf))
 
 
-def _small_squeezenet():
-    torch.manual_seed(0)
-    model = sk.models.squeezenet1_1(fire_cls=sk.EagerFire).eval()
-    sk.compress(model, density=0.33, bits=6, progress=False)
-    return model
-
-
 def test_fold_pool_surgery_and_save_load(tmp_path):
-    model = _small_squeezenet()
-    keys = list(model.state_dict())
+    model = compressed_squeezenet()
     x = torch.randn(2, 3, 64, 64)
+    folded, loaded, ref = fold_save_load(model, x, tmp_path)
+    conv1 = folded.features[0]
+    assert conv1.relu and conv1.pool == ([3, 3], [2, 2], True)
+    assert type(folded.features[1]) is nn.Identity and type(folded.features[2]) is nn.Identity
+    assert "pool=" in repr(conv1)
+    assert loaded.features[0].pool == conv1.pool  # loading a file keeps the folded pool
     with torch.no_grad():
-        ref = model(x)
-        folded = copy.deepcopy(model)
-        assert sk.fold_pool_(folded) == 4       # conv1 + ReLU + first pool, the Fires' pools, and
-        #                                         the classifier's average pool (test_codebook_conv_mean)
-        assert sk.fold_pool_(folded) == 0
-        conv1 = folded.features[0]
-        assert conv1.relu and conv1.pool == ([3, 3], [2, 2], True)
-        assert type(folded.features[1]) is nn.Identity and type(folded.features[2]) is nn.Identity
-        assert list(folded.state_dict()) == keys
-        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
         # after fold_relu_ and fast_pool_ too (the sqz MaxPool2d folds like nn.MaxPool2d)
         other = copy.deepcopy(model)
         sk.fast_pool_(other)
@@ -171,14 +160,6 @@ def test_fold_pool_surgery_and_save_load(tmp_path):
         torch.testing.assert_close(other(x), ref, rtol=1e-5, atol=1e-5)
         # the reference path (e.g. other devices) pools too
         torch.testing.assert_close(conv1.forward_reference(x), conv1(x), rtol=1e-5, atol=1e-5)
-        assert "pool=" in repr(conv1)
-        # loading a file into a folded model keeps the folded pool
-        path = tmp_path / "m.sqz"
-        sk.save(model, path)
-        target = copy.deepcopy(folded)
-        sk.load(path, target)
-        assert target.features[0].pool == conv1.pool
-        torch.testing.assert_close(target(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fold_pool_leaves_other_patterns():

@@ -1,6 +1,5 @@
 """codebook_fused_fire_max_pool (the fused Fire + max-pool in one kernel) against the float64
 reference (decoded weights + ATen convs + ATen max-pool), and fold_pool_ on Fires."""
-import copy
 import os
 import sys
 
@@ -13,7 +12,7 @@ import sqz_kernels as sk
 from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
-from codebook_helpers import args, make_layer  # noqa: E402
+from codebook_helpers import args, compressed_squeezenet, fold_save_load, make_layer  # noqa: E402
 
 def _layers(C, S, E1, E3, density, dtype=torch.float32, seed=0, quads=False):
     return (make_layer(S, C, density, 6, dtype, seed=seed + 1, quads=quads),
@@ -142,29 +141,17 @@ def test_opcheck_gradcheck_compile():
 
 def test_fold_pool_folds_every_squeezenet_pool(tmp_path):
     for arch, fires in (("squeezenet1_1", (4, 7)), ("squeezenet1_0", (5, 10))):
-        torch.manual_seed(0)
-        model = getattr(sk.models, arch)(fire_cls=sk.EagerFire).eval()
-        sk.compress(model, density=0.33, bits=6, progress=False)
-        keys = list(model.state_dict())
         x = torch.randn(1, 3, 96, 96)
+        folded, loaded, _ = fold_save_load(compressed_squeezenet(arch), x, tmp_path)
+        assert all(folded.features[i].pool == ([3, 3], [2, 2], True) for i in fires)
+        assert folded.classifier[1].global_pool
+        assert type(folded.features[fires[0] + 1]) is nn.Identity
+        fire = folded.features[fires[0]]
+        assert "pool=" in repr(fire)
+        assert loaded.features[fires[0]].pool == fire.pool
         with torch.no_grad():
-            ref = model(x)
-            folded = copy.deepcopy(model)
-            assert sk.fold_pool_(folded) == 4  # + the classifier's average pool (test_codebook_conv_mean)
-            assert all(folded.features[i].pool == ([3, 3], [2, 2], True) for i in fires)
-            assert folded.classifier[1].global_pool
-            assert type(folded.features[fires[0] + 1]) is nn.Identity
-            assert list(folded.state_dict()) == keys
-            torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
-            fire = folded.features[fires[0]]
-            assert "pool=" in repr(fire)
             h = torch.randn(1, fire.inplanes, 20, 20)
             torch.testing.assert_close(fire.forward_reference(h), fire(h), rtol=1e-5, atol=1e-5)
-            path = tmp_path / f"{arch}.sqz"
-            sk.save(model, path)
-            target = sk.load(path, copy.deepcopy(folded))
-            assert target.features[fires[0]].pool == fire.pool
-            torch.testing.assert_close(target(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fire_with_relu_before_the_pool_is_left_alone():
