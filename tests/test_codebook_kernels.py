@@ -161,6 +161,29 @@ def test_conv2d_large_batch_threads():
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("quads", [False, True])
+def test_conv2d_classifier_shaped_threads(quads):
+    # 512 channels on a 13 x 13 map (SqueezeNet's classifier): the packed map is over the band
+    # budget, so rows kernels run it as one band split by output channels (no quads) or as two
+    # bands (quads); batch 3 and 1-3 threads change the split again. Conv and conv + mean.
+    C, O = 512, 64
+    L = make_layer(O, C, 0.33, 6, seed=5, quads=quads)
+    n = torch.get_num_threads()
+    try:
+        for t, batch, cl in ((1, 1, False), (2, 1, False), (3, 1, True), (2, 3, False), (2, 1, True)):
+            torch.set_num_threads(t)
+            x = torch.relu(torch.randn(batch, C, 13, 13))
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            ref = _conv_ref(x, L, C, (1, 1), 1, 0, True)
+            _poison((batch, O, 13, 13), torch.float32)
+            _close(co.codebook_conv2d(x, *args(L), 1, 1, 0, True), ref)
+            mean = co.codebook_conv2d_global_avg_pool(x, *args(L), 1, 1, 0, True)
+            _close(mean, ref.mean((2, 3), keepdim=True))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_float64():
     C, O = 6, 7
     L = make_layer(O, C * 9, 0.5, 5, dtype=torch.float64)

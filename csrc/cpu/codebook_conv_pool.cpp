@@ -73,7 +73,8 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
   const int64_t CR = conv_rows_of(P);  // conv rows of the largest band
   const Layout lay = make_layout(C, g.kh, g.kw, g.sh, CR, g.Wo);
   const int64_t pitch = lay.pitch;
-  ConvRows<T> cr = conv_rows(op, s, g, lay, cb, k);
+  ConvRows<T> cr = conv_rows(op, s, g, cb, k);
+  set_table(cr, g, lay, op);
   Rows<T>& L = cr.L;
   const int64_t step = tile_step(k, CR * pitch);
   const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);

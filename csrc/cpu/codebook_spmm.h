@@ -1118,9 +1118,10 @@ inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const Str
   return g;
 }
 
-// A conv layer's validated stream as the kernels walk it over the packed bands of `lay`: the row
-// starts, the (ci, ky, kx) -> band address table, the contiguous streams and the row quads own
-// what `L` points to (moving a ConvRows keeps those buffers in place).
+// A conv layer's validated stream as the kernels walk it: the row starts, the (ci, ky, kx) ->
+// band address table (filled by set_table once the band layout is chosen: the layout may depend on
+// whether the layer has row quads), the contiguous streams and the row quads own what `L` points
+// to (moving a ConvRows keeps those buffers in place).
 template <typename T>
 struct ConvRows {
   RowStarts rs;
@@ -1131,21 +1132,26 @@ struct ConvRows {
 };
 
 template <typename T>
-inline ConvRows<T> conv_rows(const char* op, const Stream& s, const ConvGeom& g, const Layout& lay,
-                             const T* cb, const Kernel<T>& k) {
-  TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
-              ": input too large for 32-bit address offsets");
+inline ConvRows<T> conv_rows(const char* op, const Stream& s, const ConvGeom& g, const T* cb,
+                             const Kernel<T>& k) {
   const int64_t K = g.C * g.kh * g.kw;
   ConvRows<T> r{validate_stream(op, "", s, K), std::vector<int32_t>(K), s.gaps.contiguous(),
                 s.codes.contiguous(), {}, {}};
-  for (int64_t ci = 0, pos = 0; ci < g.C; ++ci)
-    for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
-        r.tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
   r.L = Rows<T>{r.gaps.template data_ptr<uint8_t>(), r.codes.template data_ptr<uint8_t>(),
                 r.rs.data(), r.tab.data(), cb};
   find_quads(r.L, g.O, k, r.quads);
   return r;
+}
+
+// The address of every weight position in the packed band `lay`.
+template <typename T>
+inline void set_table(ConvRows<T>& r, const ConvGeom& g, const Layout& lay, const char* op) {
+  TORCH_CHECK(lay.elems < std::numeric_limits<int32_t>::max(), op,
+              ": input too large for 32-bit address offsets");
+  for (int64_t ci = 0, pos = 0; ci < g.C; ++ci)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx, ++pos)
+        r.tab[pos] = static_cast<int32_t>(lay.offset(ci, ky, kx));
 }
 
 // The conv driver: x [N, C, H, W] and out [N, O, Ho, Wo] given by element strides xs / os (any
