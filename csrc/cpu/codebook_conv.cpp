@@ -114,8 +114,9 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // it), unless the layer has row quads. SqueezeNet's classifier (512 channels x 13 x 13) ran as
   // two bands of 6 / 5 vectors; as one 11-vector tile split by output channels, the row kernel
   // amortises each entry's scalar work over twice the multiply-adds. Same-process A/B at 33 %:
-  // 1.13x / 1.17x (2 threads), 1.14x (1 thread). Quads walk at most 6 vectors per chunk, so for
-  // them the two bands stay (block-4 classifier 0.97x as one band).
+  // 1.13x / 1.17x (2 threads), 1.14x (1 thread). Quads walk at most 7 vectors per chunk (an
+  // 11-vector tile takes two walks), so for them the two bands stay (block-4 classifier 0.97x as
+  // one band).
   const bool whole_map =
       flat && one_tile && L.quads == nullptr && g.Ho * row_bytes <= 2 * kBandBytes;
   const int64_t bmax =
