@@ -55,6 +55,18 @@ constexpr int kMaxTile = 256;
 #define SQZ_UNLIKELY(x) (x)
 #endif
 
+// p, computed into a register before use. The row kernels' multiply-adds take their input vector
+// as a memory operand at p + 64 v; left to itself GCC folds p = in + 4 * tab[cursor] into an
+// indexed operand (in, index, 4), and an FMA with an indexed memory operand is split into two
+// micro-ops at issue on Intel cores, where [p + disp] stays one. Same-process A/B, 2 threads, 33 %
+// unstructured: conv1 1.07-1.08x, fire2 1.03-1.10x, 27x27 / 13x13 Fires 0.99-1.05x.
+__attribute__((always_inline)) inline const float* in_register(const float* p) {
+#if defined(__GNUC__)
+  asm("" : "+r"(p));
+#endif
+  return p;
+}
+
 // Where a finished tile goes when it is final (not a K-block partial): vector v of the tile, after
 // + bias[o] and ReLU, is stored under mask[d][v] at base[d] + o * row_stride[d] + off[d][v] for each
 // of the nd destinations (the Fire's squeeze writes its three column copies this way). Used by the
@@ -229,13 +241,13 @@ inline Walk tile_avx512_n(const float* in, const uint8_t* gp, const uint8_t* cp,
   const Walk w = walk_pairs(
       gp, cnt, cur0, bound,
       [&](int64_t j, int64_t c) {
-        const float* p0 = in + tab[c];
+        const float* p0 = in_register(in + tab[c]);
         const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
         for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w0, SQZ_LD512(p0, v), a[v]);
       },
       [&](int64_t j, int64_t c0, int64_t c1) {
-        const float* p0 = in + tab[c0];
-        const float* p1 = in + tab[c1];
+        const float* p0 = in_register(in + tab[c0]);
+        const float* p1 = in_register(in + tab[c1]);
         const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
         const __m512 w1 = _mm512_set1_ps(cb[cp[j + 1]]);
         for (int v = 0; v < NV; ++v) {
@@ -272,7 +284,7 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
     if (SQZ_UNLIKELY(nc >= bound)) break;
     cur = nc;
     if (SQZ_UNLIKELY(g0 == kFillerGap)) continue;
-    const float* p0 = in + tab[cur];
+    const float* p0 = in_register(in + tab[cur]);
     const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
     for (int v = 0; v < NV; ++v) {
       const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
