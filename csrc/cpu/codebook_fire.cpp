@@ -131,16 +131,15 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
         nb = m;
         break;
       }
-    B = fire_rows_of(ceil_div(HB, nb));
   } else {
     if (N * nb >= nthreads) B = balanced_band_rows(HB, N, B, nthreads);
     nb = ceil_div(HB, B);
-    B = EvenBands{HB, nb}.largest();
   }
   // Even bands of rows (pooled: of pooled rows). Same-process A/B against bands of B rows and a
   // short last one, 2 threads, 33 % block-4: 1.0's fire2 / fire3 / fire5 1.10x / 1.08x / 1.10x,
-  // 1.1's fire5 without its pool 1.09x.
+  // 1.1's fire5 without its pool 1.09x. B: Fire rows of the largest band.
   const EvenBands bands{HB, nb};
+  B = pg ? fire_rows_of(bands.largest()) : bands.largest();
   int64_t ob = 1;
   if (N * nb < nthreads) ob = std::min(Eout, ceil_div(nthreads, std::max<int64_t>(N, 1) * nb));
 
