@@ -9,10 +9,10 @@
 // torch_python, the below-autograd context manager in Python) cost ~10 us per call here; a Fire
 // passes 16 tensors. This converts the few argument types our schemas use directly. The call still
 // goes through the dispatcher (backend selection, profiler records, dispatch modes); only the
-// Python binding is shorter. Callers (sqz_kernels/ops.py: call_op) use it only where no gradient
-// can flow and outside torch.compile -
-// elsewhere torch.ops is called as before. It returns NotImplemented (the caller then uses torch.ops)
-// when a tensor argument is a subclass with __torch_function__ or a torch function mode is on.
+// Python binding is shorter. Callers (sqz_kernels/ops.py: call_op) use it outside torch.compile;
+// it returns NotImplemented (the caller then uses torch.ops) when a gradient can flow (grad mode
+// on and a tensor argument requires grad), when a tensor argument is a subclass with
+// __torch_function__, or when a torch function mode is on.
 //
 // Not built into the LibTorch (CMake) library, which has no Python.
 #include <Python.h>
@@ -24,26 +24,30 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <string>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
 namespace {
 
 const c10::OperatorHandle& op_handle(const char* name) {
-  // Handles are stable for the life of the process; found once per op name.
-  static std::unordered_map<std::string, c10::OperatorHandle> handles;
-  auto it = handles.find(name);
-  if (it == handles.end()) {
-    auto h = c10::Dispatcher::singleton().findSchema({std::string("sqz_kernels::") + name, ""});
-    TORCH_CHECK_VALUE(h.has_value(), "sqz_kernels._C.call: no op sqz_kernels::", name);
-    it = handles.emplace(name, *h).first;
-  }
-  return it->second;
+  // Handles are stable for the life of the process; found once per op name. A linear scan of
+  // the few names (no std::string built per call: "codebook_fused_fire" is past the SSO size).
+  static std::vector<std::pair<std::string, c10::OperatorHandle>> handles;
+  for (const auto& h : handles)
+    if (std::strcmp(h.first.c_str(), name) == 0) return h.second;
+  auto h = c10::Dispatcher::singleton().findSchema({std::string("sqz_kernels::") + name, ""});
+  TORCH_CHECK_VALUE(h.has_value(), "sqz_kernels._C.call: no op sqz_kernels::", name);
+  handles.emplace_back(name, *h);
+  return handles.back().second;
 }
 
 // True for a tensor whose class overrides __torch_function__ (a plain tensor or an nn.Parameter,
-// whose override is torch's "disabled" one, does not).
+// whose override is torch's "disabled" one, does not). The answer for a class is kept with the
+// class's version tag, which CPython changes whenever an attribute of the class or of a base is
+// set: a Fire passes 6 Parameters, and the attribute lookup through the MRO was ~0.1 us each.
 bool overrides_torch_function(PyObject* o) {
   if (THPVariable_CheckExact(o)) return false;
   static PyObject* disabled = [] {
@@ -53,10 +57,26 @@ bool overrides_torch_function(PyObject* o) {
     return f;  // kept for the life of the process
   }();
   if (!disabled) throw python_error();
-  PyObject* f = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(o)), "__torch_function__");
+  PyTypeObject* type = Py_TYPE(o);
+  struct Known {
+    PyTypeObject* type;
+    unsigned int tag;
+  };
+  static Known known[4] = {};  // classes seen not to override (under the GIL)
+  const bool tagged = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG);
+  if (tagged)
+    for (const Known& k : known)
+      if (k.type == type && k.tag == type->tp_version_tag) return false;
+  PyObject* f = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__torch_function__");
   if (!f) throw python_error();
   const bool overrides = f != disabled;
   Py_DECREF(f);
+  // The lookup has just given the class a valid tag if it can have one.
+  if (!overrides && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+    static int next = 0;
+    known[next] = {type, type->tp_version_tag};
+    next = (next + 1) % 4;
+  }
   return overrides;
 }
 
@@ -113,16 +133,21 @@ PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
                    " takes ", schema_args.size(), " arguments, got ", nargs - 1);
   // A tensor subclass or an active __torch_function__ mode must see the call: NotImplemented
   // tells the caller to use torch.ops (which handles them).
+  // So must a call through which a gradient can flow (the autograd kernel records it).
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
-  for (size_t i = 0; i < schema_args.size(); ++i)
-    if (THPVariable_Check(args[i + 1]) && overrides_torch_function(args[i + 1]))
-      Py_RETURN_NOTIMPLEMENTED;
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (size_t i = 0; i < schema_args.size(); ++i) {
+    PyObject* o = args[i + 1];
+    if (!THPVariable_Check(o)) continue;
+    if (overrides_torch_function(o)) Py_RETURN_NOTIMPLEMENTED;
+    if (grad_mode && THPVariable_Unpack(o).requires_grad()) Py_RETURN_NOTIMPLEMENTED;
+  }
   torch::jit::Stack stack;
   stack.reserve(schema_args.size());
   for (size_t i = 0; i < schema_args.size(); ++i) stack.push_back(to_ivalue(args[i + 1], schema_args[i]));
   {
     pybind11::gil_scoped_release no_gil;
-    // Below the autograd keys: the caller has checked that no gradient can flow (as
+    // Below the autograd keys: no gradient can flow (checked above; as
     // torch._C._AutoDispatchBelowAutograd in ops.call_op).
     c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
     op.callBoxed(&stack);

@@ -145,3 +145,40 @@ def test_gradients_still_flow():
     assert y.requires_grad
     y.sum().backward()
     assert a[0].grad is not None and a[1].grad is not None
+
+
+def test_call_leaves_calls_a_gradient_can_flow_through_to_torch_ops():
+    """_C.call itself checks grad mode and requires_grad (ops.call_op no longer does first)."""
+    a = list(_conv_args())
+    want = torch.ops.sqz_kernels.codebook_conv2d(*a)
+    cb = torch.nn.Parameter(a[1].clone())  # requires grad
+    b = [a[0], cb, *a[2:]]
+    assert _C.call("codebook_conv2d", *b) is NotImplemented
+    xg = a[0].clone().requires_grad_()
+    assert _C.call("codebook_conv2d", xg, *a[1:]) is NotImplemented
+    with torch.no_grad():
+        assert torch.equal(_C.call("codebook_conv2d", *b), want)
+    with torch.inference_mode():
+        assert torch.equal(_C.call("codebook_conv2d", *b), want)
+    # nothing requires grad: the fast path, even with grad mode on
+    assert torch.equal(_C.call("codebook_conv2d", *a), want)
+
+
+def test_a_class_that_gains_torch_function_later_goes_to_torch_ops():
+    """_C.call keeps "this class does not override __torch_function__" per class with the class's
+    version tag: setting the attribute afterwards must be seen."""
+    class Late(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+    a = _conv_args()
+    x = a[0].as_subclass(Late)
+    assert torch.equal(_C.call("codebook_conv2d", x, *a[1:]).as_subclass(torch.Tensor),
+                       torch.ops.sqz_kernels.codebook_conv2d(*a))
+    assert torch.equal(_C.call("codebook_conv2d", x, *a[1:]).as_subclass(torch.Tensor),
+                       torch.ops.sqz_kernels.codebook_conv2d(*a))  # from the kept answer
+
+    def seen(cls, func, types, args=(), kwargs=None):
+        return super(Late, cls).__torch_function__(func, types, args, kwargs or {})
+
+    Late.__torch_function__ = classmethod(seen)
+    assert _C.call("codebook_conv2d", x, *a[1:]) is NotImplemented

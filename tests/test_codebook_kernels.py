@@ -356,11 +356,12 @@ def _run_linear(a):
     return co.codebook_linear(x, a["codebook"], a["codes"], a["gaps"], a["row_counts"], a["bias"])
 
 
-@pytest.mark.parametrize("length", [0, 1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("length", [0, 1, 2, 15, 16, 17, 63, 64, 65, 130])
 def test_validation_at_the_bounds(length, isa):
-    """Every ISA's validation pass (the AVX-512 one checks 64 entries per step) accepts rows whose
-    last cursor is K - 1 and rejects them at K - 1 = K' (one position too few), for rows around
-    the 64-entry step, with a filler; finds a bad code inside a long row and ignores a filler's."""
+    """Every ISA's validation pass (the AVX-512 one checks a row of <= 16 entries in one 128-bit
+    step, longer rows 64 entries per step) accepts rows whose last cursor is K - 1 and rejects
+    them at K - 1 = K' (one position too few), for rows around both steps, with a filler; finds a
+    bad code inside a long row and ignores a filler's."""
     if length >= 2:  # a filler (cursor 254), zeros, then a gap that ends the row at K - 1
         K = 300 + length
         row = [255] + [0] * (length - 2) + [K - 254 - length]

@@ -169,13 +169,9 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   }
   // Per-call tables: weight position -> address offset in the packed input / squeeze buffer.
   std::vector<int32_t> t_sq(C), t_e1(S), t_e3(9 * S);
-  for (int64_t ci = 0; ci < C; ++ci) t_sq[ci] = static_cast<int32_t>(lx.offset(ci, 0, 0));
-  for (int64_t ci = 0; ci < S; ++ci) {
-    t_e1[ci] = static_cast<int32_t>(ls.offset(ci, 1, 1));
-    for (int64_t ky = 0; ky < 3; ++ky)
-      for (int64_t kx = 0; kx < 3; ++kx)
-        t_e3[ci * 9 + ky * 3 + kx] = static_cast<int32_t>(ls.offset(ci, ky, kx));
-  }
+  lx.fill_offsets(t_sq.data(), C, 1, 1);
+  ls.fill_offsets(t_e3.data(), S, 3, 3);
+  for (int64_t ci = 0; ci < S; ++ci) t_e1[ci] = t_e3[ci * 9 + 4];  // the centre tap (1, 1)
   if (N == 0) return;
 
   const at::Tensor cb_sq = sq.codebook.contiguous(), cb_e1 = e1.codebook.contiguous(),
