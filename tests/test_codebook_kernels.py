@@ -193,6 +193,44 @@ def test_float64():
     torch.testing.assert_close(y, _conv_ref(x, L, C, (3, 3), 1, 1, True), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("hw", [(9, 9), (16, 16), (13, 13)])
+def test_conv2d_fillers_at_every_place_of_an_eight_entry_group(hw, isa):
+    """Whole rows in tiles of >= 5 vectors walk 8 entries per step (gaps and codes as 8-byte
+    loads) and leave a group with a filler to the entry-by-entry loop: rows of 0-40 entries with a
+    filler at each place of a group, two fillers in one group, and rows ending in a partial group,
+    against the float64 reference."""
+    C = 300  # 1x1 conv: K = 300 > 255, so a filler fits in a row
+    gen = torch.Generator().manual_seed(11)
+    rows = []
+    for r in range(40):
+        n = r  # entries of this row, fillers included
+        gaps = torch.randint(0, 4, (n,), generator=gen).tolist()
+        if n:
+            gaps[r % 8 if r % 8 < n else n - 1] = 255  # one filler, at place r % 8 of its group
+        if r % 5 == 0 and n > 12:
+            gaps[9], gaps[10] = 255, 255  # two in one group (places 1 and 2 of the second)
+        # keep the last cursor < K: shrink gaps until it fits
+        while -1 + sum(255 if g == 255 else g + 1 for g in gaps) >= C:
+            i = max(range(n), key=lambda k: -1 if gaps[k] == 255 else gaps[k])
+            if gaps[i] in (0, 255):
+                gaps[[k for k in range(n) if gaps[k] == 255][-1]] = 0
+            else:
+                gaps[i] -= 1
+        rows.append(gaps)
+    gaps = torch.tensor([g for r in rows for g in r], dtype=torch.uint8)
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    codes = torch.randint(0, 16, (len(gaps),), dtype=torch.uint8, generator=gen)
+    cb = torch.randn(16, generator=gen)
+    bias = torch.randn(len(rows), generator=gen)
+    assert (gaps == 255).sum() > 20
+    w = co.codebook_decode(cb.double(), codes, gaps, counts, C)
+    x = torch.randn(1, C, *hw, generator=gen)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        y = co.codebook_conv2d(xf, cb, codes, gaps, counts, bias, 1, 1, 0, True)
+        _close(y, F.relu(F.conv2d(x.double(), w.reshape(len(rows), C, 1, 1), bias.double())))
+
+
 # ---------------------------------------------------------------------------------------------
 # linear
 # ---------------------------------------------------------------------------------------------

@@ -278,6 +278,30 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
   }
   int64_t cur = cur0;
   int64_t j = 0;
+  // Unbounded walks (whole rows) take 8 entries per step: gaps and codes arrive as one 8-byte
+  // load each and are shifted out, so an entry costs two scalar loads (its table offset and its
+  // broadcast weight) instead of four. The input vectors already keep both load ports busy.
+  // A group holding a filler (a 0xFF gap byte) is left to the entry loop below.
+  if (bound == kNoBound) {
+    for (; j + 8 <= cnt; j += 8) {
+      uint64_t g8, c8;
+      std::memcpy(&g8, gp + j, 8);
+      const uint64_t ng = ~g8;  // a filler is a zero byte of ng
+      if (SQZ_UNLIKELY(((ng - 0x0101010101010101ull) & ~ng & 0x8080808080808080ull) != 0)) break;
+      std::memcpy(&c8, cp + j, 8);
+      for (int u = 0; u < 8; ++u) {
+        cur += static_cast<int64_t>(g8 & 0xFF) + 1;
+        g8 >>= 8;
+        const float* p0 = in_register(in + tab[cur]);
+        const __m512 w0 = _mm512_set1_ps(cb[c8 & 0xFF]);
+        c8 >>= 8;
+        for (int v = 0; v < NV; ++v) {
+          const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+          a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+        }
+      }
+    }
+  }
   for (; j < cnt; ++j) {
     const uint32_t g0 = gp[j];
     const int64_t nc = g0 == kFillerGap ? cur + kFillerGap : cur + g0 + 1;
