@@ -133,3 +133,36 @@ def test_quads_with_forced_k_blocking(channels_last, monkeypatch):
         xf = xf.to(memory_format=torch.channels_last)
     y = co.codebook_fused_fire(xf, *args(layers[0]), *args(layers[1]), *args(layers[2]))
     _close(y, _fire_ref(xf, layers))
+
+
+@pytest.mark.parametrize("hw", [(13, 13), (16, 16), (4, 20)])
+def test_quad_fillers_at_every_place_of_an_eight_entry_group(hw):
+    """The quad kernel walks 8 entries per step (gaps and the four rows' codes as 8-byte loads) and
+    leaves a group with a filler to the entry-by-entry loop: quads of 0-38 entries with a filler at
+    each place of a group (two in one group for some), against the float64 reference."""
+    C = 600  # 1x1 conv: K = 600 > 2 * 255, so two fillers fit
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for q in range(20):
+        n = 2 * q
+        gaps = torch.randint(0, 3, (n,), generator=gen).tolist()
+        if n:
+            gaps[min(q % 8 + 8 * (q % 3), n - 1)] = 255
+        if q % 4 == 1 and n > 12:
+            gaps[11], gaps[12] = 255, 255
+        while -1 + sum(255 if g == 255 else g + 1 for g in gaps) >= C:
+            gaps[next(i for i in reversed(range(n)) if gaps[i] == 255)] = 0
+        rows += [gaps] * 4  # a shared quad: four rows, one pattern
+    gaps = torch.tensor([g for r in rows for g in r], dtype=torch.uint8)
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    codes = torch.randint(0, 32, (len(gaps),), dtype=torch.uint8, generator=gen)
+    cb = torch.randn(32, generator=gen)
+    bias = torch.randn(len(rows), generator=gen)
+    assert (gaps == 255).sum() > 60
+    w = co.codebook_decode(cb.double(), codes, gaps, counts, C)
+    x = torch.randn(1, C, *hw, generator=gen)
+    ref = F.relu(F.conv2d(x.double(), w.reshape(len(rows), C, 1, 1), bias.double()))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        y = co.codebook_conv2d(x.contiguous(memory_format=fmt), cb, codes, gaps, counts, bias, 1, 1,
+                               0, True)
+        _close(y, ref)
