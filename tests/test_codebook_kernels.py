@@ -217,18 +217,25 @@ def test_conv2d_fillers_at_every_place_of_an_eight_entry_group(hw, isa):
             else:
                 gaps[i] -= 1
         rows.append(gaps)
+    check_1x1_stream(rows, C, hw, 16, gen, min_fillers=20)
+
+
+def check_1x1_stream(rows, C, hw, ncodes, gen, min_fillers):
+    """A 1x1 conv (relu) on a stream built from per-row gap lists (255 = filler) with random codes
+    < ncodes, codebook and bias, against the float64 reference, NCHW and channels_last."""
     gaps = torch.tensor([g for r in rows for g in r], dtype=torch.uint8)
     counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
-    codes = torch.randint(0, 16, (len(gaps),), dtype=torch.uint8, generator=gen)
-    cb = torch.randn(16, generator=gen)
+    codes = torch.randint(0, ncodes, (len(gaps),), dtype=torch.uint8, generator=gen)
+    cb = torch.randn(ncodes, generator=gen)
     bias = torch.randn(len(rows), generator=gen)
-    assert (gaps == 255).sum() > 20
+    assert (gaps == 255).sum() > min_fillers
     w = co.codebook_decode(cb.double(), codes, gaps, counts, C)
     x = torch.randn(1, C, *hw, generator=gen)
+    ref = F.relu(F.conv2d(x.double(), w.reshape(len(rows), C, 1, 1), bias.double()))
     for fmt in (torch.contiguous_format, torch.channels_last):
-        xf = x.contiguous(memory_format=fmt)
-        y = co.codebook_conv2d(xf, cb, codes, gaps, counts, bias, 1, 1, 0, True)
-        _close(y, F.relu(F.conv2d(x.double(), w.reshape(len(rows), C, 1, 1), bias.double())))
+        y = co.codebook_conv2d(x.contiguous(memory_format=fmt), cb, codes, gaps, counts, bias, 1, 1,
+                               0, True)
+        _close(y, ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
-from test_codebook_kernels import _close, _conv_ref, _fire_ref, _poison, check_conv_case  # noqa: E402
+from test_codebook_kernels import (_close, _conv_ref, _fire_ref, _poison, check_1x1_stream,  # noqa: E402
+                                   check_conv_case)
 
 CONV_CASES = [
     # C, O, k, stride, pad, H, W
@@ -153,16 +154,4 @@ def test_quad_fillers_at_every_place_of_an_eight_entry_group(hw):
         while -1 + sum(255 if g == 255 else g + 1 for g in gaps) >= C:
             gaps[next(i for i in reversed(range(n)) if gaps[i] == 255)] = 0
         rows += [gaps] * 4  # a shared quad: four rows, one pattern
-    gaps = torch.tensor([g for r in rows for g in r], dtype=torch.uint8)
-    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
-    codes = torch.randint(0, 32, (len(gaps),), dtype=torch.uint8, generator=gen)
-    cb = torch.randn(32, generator=gen)
-    bias = torch.randn(len(rows), generator=gen)
-    assert (gaps == 255).sum() > 60
-    w = co.codebook_decode(cb.double(), codes, gaps, counts, C)
-    x = torch.randn(1, C, *hw, generator=gen)
-    ref = F.relu(F.conv2d(x.double(), w.reshape(len(rows), C, 1, 1), bias.double()))
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        y = co.codebook_conv2d(x.contiguous(memory_format=fmt), cb, codes, gaps, counts, bias, 1, 1,
-                               0, True)
-        _close(y, ref)
+    check_1x1_stream(rows, C, hw, 32, gen, min_fillers=60)

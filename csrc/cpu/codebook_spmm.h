@@ -406,6 +406,21 @@ __attribute__((always_inline)) inline void quad_chunk(const float* in, const uin
   __m512 a0[NV], a1[NV], a2[NV], a3[NV];
   for (int v = 0; v < NV; ++v) a0[v] = a1[v] = a2[v] = a3[v] = zero;
   in += 16 * v0;
+  // One stored position (input offset `at`) with the four rows' codes: NV input loads, 4 * NV
+  // multiply-adds.
+  auto entry = [&](int32_t at, uint32_t k0, uint32_t k1, uint32_t k2, uint32_t k3)
+                   __attribute__((always_inline)) {
+    const float* p = in_register(in + at);
+    const __m512 w0 = _mm512_set1_ps(cb[k0]), w1 = _mm512_set1_ps(cb[k1]);
+    const __m512 w2 = _mm512_set1_ps(cb[k2]), w3 = _mm512_set1_ps(cb[k3]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x = _mm512_loadu_ps(p + 16 * v);
+      a0[v] = _mm512_fmadd_ps(w0, x, a0[v]);
+      a1[v] = _mm512_fmadd_ps(w1, x, a1[v]);
+      a2[v] = _mm512_fmadd_ps(w2, x, a2[v]);
+      a3[v] = _mm512_fmadd_ps(w3, x, a3[v]);
+    }
+  };
   int64_t cur = -1;
   int64_t j = 0;
   // 8 entries per step, as in tile_avx512_wide: the gaps and each row's codes as one 8-byte load
@@ -423,17 +438,8 @@ __attribute__((always_inline)) inline void quad_chunk(const float* in, const uin
     for (int u = 0; u < 8; ++u) {
       cur += static_cast<int64_t>(g8 & 0xFF) + 1;
       g8 >>= 8;
-      const float* p = in_register(in + tab[cur]);
-      const __m512 w0 = _mm512_set1_ps(cb[q0 & 0xFF]), w1 = _mm512_set1_ps(cb[q1 & 0xFF]);
-      const __m512 w2 = _mm512_set1_ps(cb[q2 & 0xFF]), w3 = _mm512_set1_ps(cb[q3 & 0xFF]);
+      entry(tab[cur], q0 & 0xFF, q1 & 0xFF, q2 & 0xFF, q3 & 0xFF);
       q0 >>= 8, q1 >>= 8, q2 >>= 8, q3 >>= 8;
-      for (int v = 0; v < NV; ++v) {
-        const __m512 x = _mm512_loadu_ps(p + 16 * v);
-        a0[v] = _mm512_fmadd_ps(w0, x, a0[v]);
-        a1[v] = _mm512_fmadd_ps(w1, x, a1[v]);
-        a2[v] = _mm512_fmadd_ps(w2, x, a2[v]);
-        a3[v] = _mm512_fmadd_ps(w3, x, a3[v]);
-      }
     }
   }
   for (; j < cnt; ++j) {
@@ -443,16 +449,7 @@ __attribute__((always_inline)) inline void quad_chunk(const float* in, const uin
       continue;
     }
     cur += g + 1;
-    const float* p = in + tab[cur];
-    const __m512 w0 = _mm512_set1_ps(cb[c0[j]]), w1 = _mm512_set1_ps(cb[c1[j]]);
-    const __m512 w2 = _mm512_set1_ps(cb[c2[j]]), w3 = _mm512_set1_ps(cb[c3[j]]);
-    for (int v = 0; v < NV; ++v) {
-      const __m512 x = _mm512_loadu_ps(p + 16 * v);
-      a0[v] = _mm512_fmadd_ps(w0, x, a0[v]);
-      a1[v] = _mm512_fmadd_ps(w1, x, a1[v]);
-      a2[v] = _mm512_fmadd_ps(w2, x, a2[v]);
-      a3[v] = _mm512_fmadd_ps(w3, x, a3[v]);
-    }
+    entry(tab[cur], c0[j], c1[j], c2[j], c3[j]);
   }
   if (qo.td) {
     store_direct<NV>(a0, qo.td, o, v0);
