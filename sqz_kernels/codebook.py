@@ -129,10 +129,6 @@ class _CodebookLayer(nn.Module):
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-# The op handles, looked up once: torch.ops.<ns>.<op> costs ~0.6 us per call and these modules'
-# forwards run per layer at batch 1, where a 13x13 1x1 layer takes ~30 us in all.
-_CONV_OPS = (torch.ops.sqz_kernels.codebook_conv2d, torch.ops.sqz_kernels.codebook_conv2d_max_pool,
-             torch.ops.sqz_kernels.codebook_conv2d_global_avg_pool)
 
 
 def _kernels_cover(x: Tensor) -> bool:
@@ -190,12 +186,13 @@ class CodebookConv2d(_CodebookLayer):
         # the op directly (geometry validated once in __init__, not per call by the wrapper)
         state = self._kernel_state(x)
         geom = (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu)
-        conv, conv_pool, conv_mean = _CONV_OPS
+        # the op handles codebook_ops looked up once (torch.ops.<ns>.<op> is ~0.6 us a call)
         if self.global_pool:
-            return ops.call_op(conv_mean, geom, (x, state[0], state[4]))
+            return ops.call_op(codebook_ops._CONV2D_MEAN, geom, (x, state[0], state[4]))
         if self.pool is not None:
-            return ops.call_op(conv_pool, geom + tuple(self.pool), (x, state[0], state[4]))
-        return ops.call_op(conv, geom, (x, state[0], state[4]))
+            return ops.call_op(codebook_ops._CONV2D_MAX_POOL, geom + tuple(self.pool),
+                               (x, state[0], state[4]))
+        return ops.call_op(codebook_ops._CONV2D, geom, (x, state[0], state[4]))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

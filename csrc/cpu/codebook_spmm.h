@@ -67,6 +67,13 @@ __attribute__((always_inline)) inline const float* in_register(const float* p) {
   return p;
 }
 
+// True if one of the 8 gap bytes packed in g8 is a filler (0xFF): the has-a-zero-byte test on ~g8.
+// The row and quad kernels take 8 entries per step and leave such a group to their entry loops.
+inline bool group_has_filler(uint64_t g8) {
+  const uint64_t ng = ~g8;
+  return ((ng - 0x0101010101010101ull) & ~ng & 0x8080808080808080ull) != 0;
+}
+
 // Where a finished tile goes when it is final (not a K-block partial): vector v of the tile, after
 // + bias[o] and ReLU, is stored under mask[d][v] at base[d] + o * row_stride[d] + off[d][v] for each
 // of the nd destinations (the Fire's squeeze writes its three column copies this way). Used by the
@@ -276,29 +283,32 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
     m[v] = lanes >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1u);
     a[v] = _mm512_maskz_loadu_ps(acc_in ? m[v] : __mmask16(0), out + 16 * v);  // see above
   }
+  // One stored position (input offset `at`) with its code: NV input loads and multiply-adds.
+  auto entry = [&](int32_t at, uint32_t code) __attribute__((always_inline)) {
+    const float* p0 = in_register(in + at);
+    const __m512 w0 = _mm512_set1_ps(cb[code]);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
+      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
+    }
+  };
   int64_t cur = cur0;
   int64_t j = 0;
   // Unbounded walks (whole rows) take 8 entries per step: gaps and codes arrive as one 8-byte
   // load each and are shifted out, so an entry costs two scalar loads (its table offset and its
   // broadcast weight) instead of four. The input vectors already keep both load ports busy.
-  // A group holding a filler (a 0xFF gap byte) is left to the entry loop below.
+  // A group holding a filler is left to the entry loop below.
   if (bound == kNoBound) {
     for (; j + 8 <= cnt; j += 8) {
       uint64_t g8, c8;
       std::memcpy(&g8, gp + j, 8);
-      const uint64_t ng = ~g8;  // a filler is a zero byte of ng
-      if (SQZ_UNLIKELY(((ng - 0x0101010101010101ull) & ~ng & 0x8080808080808080ull) != 0)) break;
+      if (SQZ_UNLIKELY(group_has_filler(g8))) break;
       std::memcpy(&c8, cp + j, 8);
       for (int u = 0; u < 8; ++u) {
         cur += static_cast<int64_t>(g8 & 0xFF) + 1;
         g8 >>= 8;
-        const float* p0 = in_register(in + tab[cur]);
-        const __m512 w0 = _mm512_set1_ps(cb[c8 & 0xFF]);
+        entry(tab[cur], c8 & 0xFF);
         c8 >>= 8;
-        for (int v = 0; v < NV; ++v) {
-          const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
-          a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
-        }
       }
     }
   }
@@ -308,12 +318,7 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
     if (SQZ_UNLIKELY(nc >= bound)) break;
     cur = nc;
     if (SQZ_UNLIKELY(g0 == kFillerGap)) continue;
-    const float* p0 = in_register(in + tab[cur]);
-    const __m512 w0 = _mm512_set1_ps(cb[cp[j]]);
-    for (int v = 0; v < NV; ++v) {
-      const __m512 x0 = FULL ? _mm512_loadu_ps(p0 + 16 * v) : _mm512_maskz_loadu_ps(m[v], p0 + 16 * v);
-      a[v] = _mm512_fmadd_ps(w0, x0, a[v]);
-    }
+    entry(tab[cur], cp[j]);
   }
   finish_avx512<NV, FULL>(a, m, out, td, o);
   return {j, cur};
@@ -428,8 +433,7 @@ __attribute__((always_inline)) inline void quad_chunk(const float* in, const uin
   for (; j + 8 <= cnt; j += 8) {
     uint64_t g8;
     std::memcpy(&g8, gp + j, 8);
-    const uint64_t ng = ~g8;  // a filler is a zero byte of ng
-    if (SQZ_UNLIKELY(((ng - 0x0101010101010101ull) & ~ng & 0x8080808080808080ull) != 0)) break;
+    if (SQZ_UNLIKELY(group_has_filler(g8))) break;
     uint64_t q0, q1, q2, q3;
     std::memcpy(&q0, c0 + j, 8);
     std::memcpy(&q1, c1 + j, 8);
