@@ -65,6 +65,9 @@ def network_rows(rounds):
     comp_pp, comp_qpp = copy.deepcopy(comp_p), copy.deepcopy(comp_qp)
     sk.fold_pool_(comp_pp)
     sk.fold_pool_(comp_qpp)
+    # the folded models run as one chain of sqz ops from C++ (sk.KernelChain: no Python between
+    # the layers)
+    chain_pp, chain_qpp = sk.KernelChain(comp_pp, x), sk.KernelChain(comp_qpp, x)
     fns = {
         "eager NCHW": lambda: eager(x),
         "eager channels_last": lambda: eager_cl(xcl),
@@ -82,6 +85,8 @@ def network_rows(rounds):
         "compressed, blocks of 4 rows, + sqz pools + folded ReLUs + folded pools, NCHW": lambda: comp_qpp(x),
         "compressed, blocks of 4 rows, + sqz pools + folded ReLUs + folded pools, channels_last":
             lambda: comp_qpp(xcl),
+        "compressed + every fold, NCHW, KernelChain": lambda: chain_pp(x),
+        "compressed, blocks of 4 rows, + every fold, NCHW, KernelChain": lambda: chain_qpp(x),
     }
     with threads(2), torch.no_grad():
         compiled = torch.compile(copy.deepcopy(eager))

@@ -1,5 +1,6 @@
 // The Python module sqz_kernels._C: importing it loads this .so, whose static initialisers register
-// the ops (csrc/registration.cpp + the backends). It has one function:
+// the ops (csrc/registration.cpp + the backends). Its functions: call (below) and chain_build /
+// chain_run (further down).
 //
 //   _C.call(op_name, *args) -> Tensor
 //
@@ -25,6 +26,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <unordered_map>
@@ -157,10 +159,119 @@ PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---------------------------------------------------------------------------------------------
+// A chain of op calls run from one Python call (sqz_kernels.chain.KernelChain). Between two layers
+// of a model the Python of nn.Module calls ran at 50-150 us here (it finds its objects evicted by
+// the layer before: 20 us per layer with warm caches), ~0.8-1.2 ms of a 7.5 ms SqueezeNet.
+//
+//   _C.chain_build([(op_name, args, view), ...], final_view) -> capsule
+//   _C.chain_run(capsule, x) -> Tensor
+//
+// Step i calls op_name with args, its first argument replaced by the running tensor (x for the
+// first step, else the previous step's output) viewed as `view` first when it is not None; the
+// result is the last output viewed as final_view (or not). Arguments are converted once, at
+// build: tensors are held by reference (in-place updates of the parameters are seen, replaced
+// parameters are not). The chain runs below the autograd keys with the GIL released; the Python
+// side only runs it when no gradient can flow and x matches the traced input.
+struct ChainStep {
+  c10::OperatorHandle op;
+  std::vector<c10::IValue> args;  // args[0] is replaced per run
+  std::vector<int64_t> view;      // empty: the running tensor as is
+  bool has_view;
+};
+
+struct Chain {
+  std::vector<ChainStep> steps;
+  std::vector<int64_t> final_view;
+  bool has_final_view;
+};
+
+const char* kChainCapsule = "sqz_kernels.Chain";
+
+bool optional_shape(PyObject* o, std::vector<int64_t>& out, const char* what) {
+  if (o == Py_None) return false;
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), what, " must be None or a list of ints");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  PyObject** items = PySequence_Fast_ITEMS(o);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = to_int(items[i], what);
+  return true;
+}
+
+PyObject* chain_build(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2 && PyList_Check(args[0]),
+                   "sqz_kernels._C.chain_build(steps, final_view): steps must be a list");
+  auto chain = std::make_unique<Chain>();
+  const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+  TORCH_CHECK_VALUE(n >= 1, "sqz_kernels._C.chain_build: a chain needs at least one step");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* st = PyList_GET_ITEM(args[0], i);
+    TORCH_CHECK_TYPE(PyTuple_Check(st) && PyTuple_GET_SIZE(st) == 3 &&
+                         PyUnicode_Check(PyTuple_GET_ITEM(st, 0)) &&
+                         PyTuple_Check(PyTuple_GET_ITEM(st, 1)),
+                     "sqz_kernels._C.chain_build: step ", i, " must be (op_name, args tuple, view)");
+    const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(st, 0));
+    if (!name) throw python_error();
+    ChainStep step{op_handle(name), {}, {}, false};
+    const auto& schema_args = step.op.schema().arguments();
+    PyObject* a = PyTuple_GET_ITEM(st, 1);
+    TORCH_CHECK_TYPE(static_cast<size_t>(PyTuple_GET_SIZE(a)) == schema_args.size() &&
+                         !schema_args.empty() &&
+                         schema_args[0].type()->kind() == c10::TypeKind::TensorType,
+                     "sqz_kernels._C.chain_build: step ", i, ": sqz_kernels::", name, " takes ",
+                     schema_args.size(), " arguments, the first a Tensor; got ",
+                     PyTuple_GET_SIZE(a));
+    step.args.reserve(schema_args.size());
+    step.args.emplace_back();  // the running tensor
+    for (size_t j = 1; j < schema_args.size(); ++j)
+      step.args.push_back(to_ivalue(PyTuple_GET_ITEM(a, static_cast<Py_ssize_t>(j)), schema_args[j]));
+    step.has_view = optional_shape(PyTuple_GET_ITEM(st, 2), step.view, "a step's view");
+    chain->steps.push_back(std::move(step));
+  }
+  chain->has_final_view = optional_shape(args[1], chain->final_view, "final_view");
+  PyObject* cap = PyCapsule_New(chain.get(), kChainCapsule, [](PyObject* c) {
+    delete static_cast<Chain*>(PyCapsule_GetPointer(c, kChainCapsule));
+  });
+  if (!cap) throw python_error();
+  chain.release();
+  return cap;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* chain_run(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2 && PyCapsule_IsValid(args[0], kChainCapsule),
+                   "sqz_kernels._C.chain_run(chain, x): chain must come from chain_build");
+  TORCH_CHECK_TYPE(THPVariable_Check(args[1]), "sqz_kernels._C.chain_run: x must be a Tensor");
+  const Chain& chain = *static_cast<const Chain*>(PyCapsule_GetPointer(args[0], kChainCapsule));
+  at::Tensor x = THPVariable_Unpack(args[1]);
+  {
+    pybind11::gil_scoped_release no_gil;
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
+    torch::jit::Stack stack;
+    for (const ChainStep& step : chain.steps) {
+      stack.assign(step.args.begin(), step.args.end());
+      stack[0] = step.has_view ? x.view(step.view) : std::move(x);
+      step.op.callBoxed(&stack);
+      TORCH_INTERNAL_ASSERT(stack.size() == 1 && stack[0].isTensor());
+      x = std::move(stack[0]).toTensor();
+      stack.clear();
+    }
+    if (chain.has_final_view) x = x.view(chain.final_view);
+  }
+  return THPVariable_Wrap(std::move(x));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call)), METH_FASTCALL,
      "call(op_name, *args): torch.ops.sqz_kernels.<op_name>(*args) below autograd, with a short "
      "argument conversion (see csrc/python_calls.cpp)"},
+    {"chain_build", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&chain_build)),
+     METH_FASTCALL, "chain_build(steps, final_view): a chain of op calls for chain_run"},
+    {"chain_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&chain_run)),
+     METH_FASTCALL, "chain_run(chain, x): runs a chain_build chain on x (see KernelChain)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -22,6 +22,10 @@ _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 _USE_C_CALL = True
 # One attribute lookup less per call; the same function, so Dynamo still constant-folds it.
 _is_compiling = torch.compiler.is_compiling
+# A KernelChain trace in progress (sqz_kernels/chain.py): a list that call_op appends each call to,
+# as (op name, args, version of args[0], output, version of the output), or None for a call that
+# did not go through _C.call. None the rest of the time.
+_RECORDER = None
 
 
 def call_op(op, args, grad_inputs):
@@ -33,9 +37,14 @@ def call_op(op, args, grad_inputs):
     when any of them needs torch.ops' handling. Those checks in C++ instead of here saved ~2 us a
     call (a generator over the inputs, torch.is_grad_enabled)."""
     if _USE_C_CALL and not _is_compiling():
+        v0 = args[0]._version if _RECORDER is not None else 0
         out = _C.call(op.__name__, *args)
         if out is not NotImplemented:
+            if _RECORDER is not None:
+                _RECORDER.append((op.__name__, args, v0, out, out._version))
             return out
+    if _RECORDER is not None:
+        _RECORDER.append(None)
     if _BELOW_AUTOGRAD is not None and not _is_compiling() and (
             not torch.is_grad_enabled()
             or not any(t is not None and t.requires_grad for t in grad_inputs)):
