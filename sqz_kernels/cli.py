@@ -113,12 +113,17 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     fast_pool_(tuned)
     fold_relu_(tuned)
     fold_pool_(tuned)
+    # and the tuned model as one chain of sqz ops run from C++ (no Python between layers)
+    from .chain import KernelChain
+    chain = KernelChain(tuned, x)
     with torch.no_grad():
         y_dense, y_comp, y_ref, y_tuned = eager(x), loaded(x), reference(x), tuned(x)
+        chain_equal = torch.equal(chain(x), y_tuned)
     kernel_diff = max((y_comp - y_ref).abs().max().item(), (y_tuned - y_ref).abs().max().item())
     dense_diff = (y_comp - y_dense).abs().max().item()
     med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x),
-                     "tuned": lambda: tuned(x)}, rounds=args.rounds, budget_s=2 * args.budget)
+                     "tuned": lambda: tuned(x), "chain": lambda: chain(x)}, rounds=args.rounds,
+                    budget_s=2 * args.budget)
     dense_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     pruning = "unstructured pruning" if args.block == 1 else f"pruned in blocks of {args.block} rows"
     print(f"\ncompressed {args.arch}: density {args.density}, {args.bits}-bit codebooks, {pruning} "
@@ -128,10 +133,13 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     print(f"{'dense FusedFire':28} {dense_bytes:14,d} {med['fused'] * 1e3:11.3f}")
     print(f"{'compressed, resident':28} {resident_bytes(loaded):14,d} {med['compressed'] * 1e3:11.3f}")
     print(f"{'  + sqz pools, all folds':28} {resident_bytes(tuned):14,d} {med['tuned'] * 1e3:11.3f}")
+    print(f"{'  + run as a KernelChain':28} {resident_bytes(tuned):14,d} {med['chain'] * 1e3:11.3f}")
     print(f"{'compressed, .sqz file':28} {file_bytes:14,d}")
     print(f"max |kernels - decoded reference| = {kernel_diff:.3g}   "
           f"max |compressed - dense| = {dense_diff:.3g} (pruning + quantisation changes the function)")
-    return kernel_diff <= 1e-4 * max(1.0, y_ref.abs().max().item())
+    if not chain_equal:
+        print("KernelChain output differs from the tuned model's")
+    return chain_equal and kernel_diff <= 1e-4 * max(1.0, y_ref.abs().max().item())
 
 
 def cmd_bench(args) -> int:

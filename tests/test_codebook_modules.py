@@ -86,6 +86,7 @@ def test_demo_compressed_runs(capsys):
     assert main(["demo", "--compress", "--rounds", "1", "--budget", "0.05", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "compressed, resident" in out and ".sqz file" in out and "sqz pools, all folds" in out
+    assert "run as a KernelChain" in out
 
 
 def test_report_resident_bytes_counts_each_tensor_once(compressed_net):
