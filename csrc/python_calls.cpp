@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <string>
 #include <utility>
@@ -37,7 +38,9 @@ namespace {
 const c10::OperatorHandle& op_handle(const char* name) {
   // Handles are stable for the life of the process; found once per op name. A linear scan of
   // the few names (no std::string built per call: "codebook_fused_fire" is past the SSO size).
-  static std::vector<std::pair<std::string, c10::OperatorHandle>> handles;
+  // A deque: adding a name never moves the others, so a reference `call` holds while the GIL is
+  // released stays valid when another thread adds one.
+  static std::deque<std::pair<std::string, c10::OperatorHandle>> handles;
   for (const auto& h : handles)
     if (std::strcmp(h.first.c_str(), name) == 0) return h.second;
   auto h = c10::Dispatcher::singleton().findSchema({std::string("sqz_kernels::") + name, ""});

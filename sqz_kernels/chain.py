@@ -12,10 +12,15 @@ sqz ops (each op's input is the previous op's output, untouched), and then runs 
     y = run(x)                                     # == model(x), bit for bit
 
 A call falls back to ``model(x)`` when the input differs from the traced one in type, shape,
-strides, dtype or device, when a gradient can flow (grad mode on and a parameter requires grad)
-or inside a ``__torch_function__`` mode; ``run.fallbacks`` counts those calls. The chain holds the
-model's parameters by reference, so in-place updates (``load_state_dict``, an optimizer step) are
-seen; replacing a parameter or submodule, or changing a layer's flags, needs a new KernelChain.
+strides, dtype or device, when a gradient can flow (grad mode on and x or a parameter requires
+grad), inside a ``__torch_function__`` mode, when a module's ``training`` flag differs from its
+value at the trace, or when a parameter or buffer the chain holds is no longer the one in its
+module (``load_state_dict`` and ``set_compressed`` install new tensors in Codebook layers);
+``run.fallbacks`` counts those calls. In-place updates of the held tensors (an optimizer step,
+``mul_``) are seen. Like ``torch.jit.trace`` it records one path: changing a layer's flags
+(``relu``, ``pool``), adding hooks (they do not run inside the chain) or a forward whose Python
+branches on tensor values need a new KernelChain. The trace refuses a forward that changes the
+model's parameters or buffers.
 """
 from typing import List, Optional
 
@@ -39,25 +44,44 @@ def _view_shape(t: Tensor, base: Tensor, what: str) -> Optional[List[int]]:
                      "the model computes something between two sqz ops that the chain would skip")
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and elements, NaN where the other has NaN."""
+    if a.shape != b.shape:
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
 class KernelChain:
     """Runs ``model`` (a chain of sqz_kernels ops, traced on ``example``) from one Python call."""
 
     def __init__(self, model: nn.Module, example: Tensor):
         if not isinstance(example, Tensor) or type(example) is not Tensor:
             raise TypeError("KernelChain: example must be a plain torch.Tensor")
+        if example.is_inference():
+            raise ValueError("KernelChain: example is an inference tensor (it has no version "
+                             "counter for the trace's checks); make it outside torch.inference_mode")
         self.model = model
         self.fallbacks = 0
         self._sig = self._signature(example)
+        self._modes = [(m, m.training) for m in model.modules()]
         with torch.no_grad():
             steps, final_view, expected = self._trace(model, example)
+            # where each held tensor lives: (its module's _parameters / _buffers dict, name)
+            homes = {}
+            for m in model.modules():
+                for d in (m._parameters, m._buffers):
+                    for name, t in d.items():
+                        if t is not None:
+                            homes.setdefault(id(t), (d, name))
             tensors = [a for _, args, _ in steps for a in args[1:] if isinstance(a, Tensor)]
-            self._tensors = tensors
+            self._held = [(t, *homes[id(t)]) for t in tensors]
             self._chain = _C.chain_build(steps, final_view)
             self.num_ops = len(steps)
             got = _C.chain_run(self._chain, example)
         # The same kernels on the same tensors: the same bits (a mismatch would mean the trace
         # missed a step).
-        if got.shape != expected.shape or not torch.equal(got, expected):
+        if not _same_values(got, expected):
             raise ValueError("KernelChain: the chain's output differs from the model's on the example")
 
     @staticmethod
@@ -67,10 +91,13 @@ class KernelChain:
     @staticmethod
     def _trace(model: nn.Module, x: Tensor):
         if _ops._RECORDER is not None:
-            raise RuntimeError("KernelChain: another trace is in progress")
+            raise RuntimeError("KernelChain: another trace is in progress (one at a time)")
+        if not _ops._USE_C_CALL:
+            raise RuntimeError("KernelChain: sqz_kernels.ops._USE_C_CALL is off")
         rec: list = []
         v_in = x._version
-        _ops._RECORDER = rec
+        state = [(t, t._version) for t in list(model.parameters()) + list(model.buffers())]
+        _ops._RECORDER = (_ops._thread_id(), rec)
         try:
             out = model(x)
         finally:
@@ -81,6 +108,9 @@ class KernelChain:
             raise ValueError("KernelChain: an op call did not take the direct path (a gradient could "
                              "flow, a tensor subclass or a __torch_function__ mode); trace in eval "
                              "mode with plain tensors")
+        if any(t._version != v for t, v in state):
+            raise ValueError("KernelChain: the model's forward changed its parameters or buffers; "
+                             "a chain would replay one state")
         if not isinstance(out, Tensor):
             raise ValueError("KernelChain: the model must return one Tensor")
         owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
@@ -102,9 +132,18 @@ class KernelChain:
             raise ValueError("KernelChain: the last op's output was changed in place")
         return steps, final_view, out
 
+    def _applies(self, x: Tensor) -> bool:
+        if self._signature(x) != self._sig or torch._C._is_torch_function_mode_enabled():
+            return False
+        if any(m.training != t for m, t in self._modes):
+            return False
+        if any(d.get(name) is not t for t, d, name in self._held):
+            return False  # a parameter or buffer was replaced (load_state_dict, set_compressed)
+        return not (torch.is_grad_enabled() and
+                    (x.requires_grad or any(t.requires_grad for t, _, _ in self._held)))
+
     def __call__(self, x: Tensor) -> Tensor:
-        if (self._signature(x) != self._sig or torch._C._is_torch_function_mode_enabled()
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors))):
+        if not self._applies(x):
             self.fallbacks += 1
             return self.model(x)
         return _C.chain_run(self._chain, x)

@@ -183,6 +183,11 @@ class CodebookConv2d(_CodebookLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
+        # The op's streams fit any input with at least the channels they address, so the layer
+        # checks its own (as nn.Conv2d does); a wider input would run with zero weights.
+        if x.dim() == 4 and x.shape[1] != self.in_channels:
+            raise RuntimeError(f"CodebookConv2d: expected input with {self.in_channels} channels, "
+                               f"got shape {tuple(x.shape)}")
         # the op directly (geometry validated once in __init__, not per call by the wrapper)
         state = self._kernel_state(x)
         geom = (x, *state, self._geometry[0], self._geometry[1], self._geometry[2], self.relu)
@@ -229,6 +234,9 @@ class CodebookLinear(_CodebookLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
+        if x.dim() >= 1 and x.shape[-1] != self.in_features:  # see CodebookConv2d.forward
+            raise RuntimeError(f"CodebookLinear: expected input with {self.in_features} features, "
+                               f"got shape {tuple(x.shape)}")
         return codebook_ops.codebook_linear(x, *self._kernel_state(x), relu=self.relu)
 
     def extra_repr(self) -> str:
@@ -288,6 +296,9 @@ class CodebookFire(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not _kernels_cover(x):
             return self.forward_reference(x)
+        if x.dim() == 4 and x.shape[1] != self.squeeze.in_channels:  # see CodebookConv2d.forward
+            raise RuntimeError(f"CodebookFire: expected input with {self.squeeze.in_channels} "
+                               f"channels, got shape {tuple(x.shape)}")
         state = (*self.squeeze._kernel_state(x), *self.expand1x1._kernel_state(x),
                  *self.expand3x3._kernel_state(x))
         if self.pool is not None:

@@ -3,6 +3,7 @@
 The C++ side defines every schema once (csrc/registration.cpp); this file adds what torch needs to
 trace (register_fake) and differentiate (register_autograd) the ops. Minimum torch: 2.4.
 """
+import threading
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,10 +23,11 @@ _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 _USE_C_CALL = True
 # One attribute lookup less per call; the same function, so Dynamo still constant-folds it.
 _is_compiling = torch.compiler.is_compiling
-# A KernelChain trace in progress (sqz_kernels/chain.py): a list that call_op appends each call to,
-# as (op name, args, version of args[0], output, version of the output), or None for a call that
-# did not go through _C.call. None the rest of the time.
+# A KernelChain trace in progress (sqz_kernels/chain.py): (thread id, list), call_op appending each
+# call the tracing thread makes as (op name, args, version of args[0], output, version of the
+# output), or None for a call that did not go through _C.call. None the rest of the time.
 _RECORDER = None
+_thread_id = threading.get_ident
 
 
 def call_op(op, args, grad_inputs):
@@ -36,15 +38,18 @@ def call_op(op, args, grad_inputs):
     requires_grad, tensor subclasses and __torch_function__ modes, and returns NotImplemented
     when any of them needs torch.ops' handling. Those checks in C++ instead of here saved ~2 us a
     call (a generator over the inputs, torch.is_grad_enabled)."""
+    rec = _RECORDER  # read once: another thread's trace may end meanwhile
+    if rec is not None and rec[0] != _thread_id():
+        rec = None  # only the tracing thread's calls belong to its trace
     if _USE_C_CALL and not _is_compiling():
-        v0 = args[0]._version if _RECORDER is not None else 0
+        v0 = args[0]._version if rec is not None else 0
         out = _C.call(op.__name__, *args)
         if out is not NotImplemented:
-            if _RECORDER is not None:
-                _RECORDER.append((op.__name__, args, v0, out, out._version))
+            if rec is not None:
+                rec[1].append((op.__name__, args, v0, out, out._version))
             return out
-    if _RECORDER is not None:
-        _RECORDER.append(None)
+    if rec is not None:
+        rec[1].append(None)
     if _BELOW_AUTOGRAD is not None and not _is_compiling() and (
             not torch.is_grad_enabled()
             or not any(t is not None and t.requires_grad for t in grad_inputs)):

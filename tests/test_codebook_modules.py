@@ -171,3 +171,22 @@ def test_load_into_a_folded_model_keeps_the_folded_relus(compressed_net, tmp_pat
         sk.load(tmp_path / "net.sqz", folded)
         assert folded.features[0].relu and folded.classifier[1].relu
         torch.testing.assert_close(folded(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_reject_inputs_with_the_wrong_channel_count(compressed_net):
+    """The streams fit any input with enough channels; the layers check their own, as nn.Conv2d
+    and nn.Linear do (a wider input would otherwise run with zero weights)."""
+    conv = compressed_net.features[0]
+    fire = compressed_net.features[3]
+    lin = sk.CodebookLinear(6, 4, bits=4)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="expected input with 3 channels"):
+            conv(torch.randn(1, 4, 16, 16))
+        with pytest.raises(RuntimeError, match=f"expected input with {fire.squeeze.in_channels}"):
+            fire(torch.randn(1, fire.squeeze.in_channels + 1, 9, 9))
+        with pytest.raises(RuntimeError, match="expected input with 6 features"):
+            lin(torch.randn(2, 7))
+        assert lin(torch.randn(2, 6)).shape == (2, 4)
+        # the reference path (other dtypes) raises too, through ATen
+        with pytest.raises(RuntimeError):
+            conv(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16))

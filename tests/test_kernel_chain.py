@@ -62,6 +62,15 @@ def test_fallbacks_give_the_model_output(folded):
         assert torch.equal(run(other_strides), folded(other_strides))
         assert torch.equal(run(x.double()), folded(x.double()))
     assert run.fallbacks == 3
+    model = copy.deepcopy(folded)
+    run = sk.KernelChain(model, x)
+    model.train()  # Dropout active: the traced (eval) chain no longer applies
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y = run(x)
+        torch.manual_seed(3)
+        assert torch.equal(y, model(x))
+    assert run.fallbacks == 1
 
 
 def test_gradients_flow_through_the_fallback(folded):
@@ -178,3 +187,83 @@ def test_c_entry_points_reject_bad_input():
     assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2).view(1, 12))
     with pytest.raises(TypeError, match="x must be a Tensor"):
         _C.chain_run(chain, 3)
+
+
+def test_replaced_parameters_and_submodule_modes_fall_back(folded):
+    x = torch.randn(1, 3, 64, 64)
+    model = copy.deepcopy(folded)
+    run = sk.KernelChain(model, x)
+    other = copy.deepcopy(folded)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+        model.load_state_dict(other.state_dict())  # Codebook layers install new tensors
+        assert torch.equal(run(x), other(x))
+    assert run.fallbacks == 1
+    run = sk.KernelChain(model, x)  # a new chain holds the new tensors
+    model.classifier.train()  # only a submodule (its Dropout) leaves eval mode
+    with torch.no_grad():
+        torch.manual_seed(5)
+        y = run(x)
+        torch.manual_seed(5)
+        assert torch.equal(y, model(x))
+    assert run.fallbacks == 1
+
+
+def test_input_gradients_flow_through_the_fallback(folded):
+    model = copy.deepcopy(folded).requires_grad_(False)
+    x = torch.randn(1, 3, 64, 64)
+    run = sk.KernelChain(model, x)
+    with torch.no_grad():
+        run(x)
+    assert run.fallbacks == 0  # frozen parameters, x without grad: the chain runs
+    xg = x.clone().requires_grad_()
+    run(xg).sum().backward()
+    assert run.fallbacks == 1 and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+class _Stateful(nn.Module):
+    """Changes its own codebook in forward: a chain would replay one state."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.layer.codebook.mul_(0.5)
+        return self.layer(x)
+
+
+def test_trace_refusals_leave_no_recorder_behind():
+    from sqz_kernels import ops
+
+    x = torch.randn(2, 3, 6, 5)
+    net = _small_conv()
+    sk.fold_relu_(net)
+    sk.fold_pool_(net)
+    with pytest.raises(ValueError, match="changed its parameters"):
+        sk.KernelChain(_Stateful(net[0]), x)
+    with pytest.raises(RuntimeError):
+        sk.KernelChain(net, torch.randn(2, 4, 6, 5))  # wrong channel count: the layer raises
+    assert ops._RECORDER is None
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode(), pytest.raises(ValueError, match="direct path"):
+        sk.KernelChain(net, x)
+    assert ops._RECORDER is None
+    with torch.inference_mode():
+        xi = torch.randn(2, 3, 6, 5)
+    with pytest.raises(ValueError, match="inference"):
+        sk.KernelChain(net, xi)
+
+
+def test_errors_inside_chain_run_are_raised():
+    chain = _C.chain_build([("max_pool2d", (None, [2, 2], [2, 2], [0, 0], False), None)], [1, 12])
+    with pytest.raises(RuntimeError):
+        _C.chain_run(chain, torch.randn(1, 3, 6, 6))  # pooled 1x3x3x3 cannot be viewed as [1, 12]
+    with pytest.raises(RuntimeError):
+        _C.chain_run(chain, torch.zeros(1, 3, 4, 4, dtype=torch.int32))
