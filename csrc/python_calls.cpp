@@ -25,6 +25,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -167,15 +168,56 @@ PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
 // of a model the Python of nn.Module calls ran at 50-150 us here (it finds its objects evicted by
 // the layer before: 20 us per layer with warm caches), ~0.8-1.2 ms of a 7.5 ms SqueezeNet.
 //
-//   _C.chain_build([(op_name, args, view), ...], final_view) -> capsule
-//   _C.chain_run(capsule, x) -> Tensor
+//   _C.chain_build([(op_name, args, view), ...], final_view, guards=None) -> capsule
+//   _C.chain_run(capsule, x) -> Tensor, or NotImplemented when a guard fails
 //
 // Step i calls op_name with args, its first argument replaced by the running tensor (x for the
 // first step, else the previous step's output) viewed as `view` first when it is not None; the
 // result is the last output viewed as final_view (or not). Arguments are converted once, at
 // build: tensors are held by reference (in-place updates of the parameters are seen, replaced
-// parameters are not). The chain runs below the autograd keys with the GIL released; the Python
-// side only runs it when no gradient can flow and x matches the traced input.
+// parameters are not). The chain runs below the autograd keys with the GIL released.
+//
+// guards = (example, [(dict, key, object), ...], [(dict, length), ...]): chain_run then returns
+// NotImplemented (KernelChain runs the model instead) unless x has the example's type, dtype,
+// device, sizes and strides, no torch function mode is on, every dict[key] is still that very
+// object and every dict still has that length (KernelChain passes each module's `training` and
+// layer flags, and its parameters, buffers and children: load_state_dict installs new tensors in
+// Codebook layers, surgery replaces children), and no gradient can flow (grad mode off, or
+// neither x nor a tensor argument of the chain requires grad). Checked here, not in Python: a
+// Python loop over SqueezeNet's 68 modules and 130 tensors took ~30-40 us a call.
+struct ChainGuard {
+  PyTypeObject* type = nullptr;  // x's class (borrowed: a tensor class lives as long as torch)
+  at::ScalarType dtype;
+  c10::Device device{c10::kCPU};
+  std::vector<int64_t> sizes, strides;
+  std::vector<std::array<PyObject*, 3>> entries;      // (dict, key, object), strong references
+  std::vector<std::pair<PyObject*, Py_ssize_t>> lengths;  // (dict, length), strong references
+  std::vector<at::Tensor> tensors;                   // the chain's tensor arguments
+
+  ~ChainGuard() {  // under the GIL (chain_build or the capsule's destructor)
+    for (auto& e : entries)
+      for (PyObject* o : e) Py_XDECREF(o);
+    for (auto& l : lengths) Py_XDECREF(l.first);
+  }
+
+  bool passes(PyObject* xo, const at::Tensor& x) const {
+    if (Py_TYPE(xo) != type || x.scalar_type() != dtype || x.device() != device ||
+        x.sizes() != c10::IntArrayRef(sizes) || x.strides() != c10::IntArrayRef(strides) ||
+        at::impl::torch_function_mode_enabled())
+      return false;
+    for (const auto& e : entries)
+      if (PyDict_GetItem(e[0], e[1]) != e[2]) return false;  // borrowed; identity
+    for (const auto& l : lengths)
+      if (PyDict_GET_SIZE(l.first) != l.second) return false;
+    if (at::GradMode::is_enabled()) {
+      if (x.requires_grad()) return false;
+      for (const at::Tensor& t : tensors)
+        if (t.requires_grad()) return false;
+    }
+    return true;
+  }
+};
+
 struct ChainStep {
   c10::OperatorHandle op;
   std::vector<c10::IValue> args;  // args[0] is replaced per run
@@ -187,7 +229,49 @@ struct Chain {
   std::vector<ChainStep> steps;
   std::vector<int64_t> final_view;
   bool has_final_view;
+  std::unique_ptr<ChainGuard> guard;  // null: none
 };
+
+std::unique_ptr<ChainGuard> make_guard(PyObject* g, const std::vector<ChainStep>& steps) {
+  TORCH_CHECK_TYPE(PyTuple_Check(g) && PyTuple_GET_SIZE(g) == 3 &&
+                       THPVariable_Check(PyTuple_GET_ITEM(g, 0)) &&
+                       PyList_Check(PyTuple_GET_ITEM(g, 1)) && PyList_Check(PyTuple_GET_ITEM(g, 2)),
+                   "sqz_kernels._C.chain_build: guards must be (example, [(dict, key, object)], "
+                   "[(dict, length)])");
+  auto gd = std::make_unique<ChainGuard>();
+  PyObject* ex = PyTuple_GET_ITEM(g, 0);
+  const at::Tensor e = THPVariable_Unpack(ex);
+  gd->type = Py_TYPE(ex);
+  gd->dtype = e.scalar_type();
+  gd->device = e.device();
+  gd->sizes = e.sizes().vec();
+  gd->strides = e.strides().vec();
+  PyObject* entries = PyTuple_GET_ITEM(g, 1);
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries); ++i) {
+    PyObject* t = PyList_GET_ITEM(entries, i);
+    TORCH_CHECK_TYPE(PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 3 &&
+                         PyDict_Check(PyTuple_GET_ITEM(t, 0)),
+                     "sqz_kernels._C.chain_build: a guard entry must be (dict, key, object)");
+    std::array<PyObject*, 3> en{PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1),
+                                PyTuple_GET_ITEM(t, 2)};
+    for (PyObject* o : en) Py_INCREF(o);
+    gd->entries.push_back(en);
+  }
+  PyObject* lengths = PyTuple_GET_ITEM(g, 2);
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lengths); ++i) {
+    PyObject* t = PyList_GET_ITEM(lengths, i);
+    TORCH_CHECK_TYPE(PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 2 &&
+                         PyDict_Check(PyTuple_GET_ITEM(t, 0)),
+                     "sqz_kernels._C.chain_build: a guard length must be (dict, int)");
+    const int64_t n = to_int(PyTuple_GET_ITEM(t, 1), "a guard length");
+    Py_INCREF(PyTuple_GET_ITEM(t, 0));
+    gd->lengths.emplace_back(PyTuple_GET_ITEM(t, 0), static_cast<Py_ssize_t>(n));
+  }
+  for (const ChainStep& st : steps)
+    for (size_t j = 1; j < st.args.size(); ++j)
+      if (st.args[j].isTensor()) gd->tensors.push_back(st.args[j].toTensor());
+  return gd;
+}
 
 const char* kChainCapsule = "sqz_kernels.Chain";
 
@@ -203,8 +287,9 @@ bool optional_shape(PyObject* o, std::vector<int64_t>& out, const char* what) {
 
 PyObject* chain_build(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 2 && PyList_Check(args[0]),
-                   "sqz_kernels._C.chain_build(steps, final_view): steps must be a list");
+  TORCH_CHECK_TYPE((nargs == 2 || nargs == 3) && PyList_Check(args[0]),
+                   "sqz_kernels._C.chain_build(steps, final_view, guards=None): steps must be a "
+                   "list");
   auto chain = std::make_unique<Chain>();
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
   TORCH_CHECK_VALUE(n >= 1, "sqz_kernels._C.chain_build: a chain needs at least one step");
@@ -233,6 +318,7 @@ PyObject* chain_build(PyObject* /*self*/, PyObject* const* args, Py_ssize_t narg
     chain->steps.push_back(std::move(step));
   }
   chain->has_final_view = optional_shape(args[1], chain->final_view, "final_view");
+  if (nargs == 3 && args[2] != Py_None) chain->guard = make_guard(args[2], chain->steps);
   PyObject* cap = PyCapsule_New(chain.get(), kChainCapsule, [](PyObject* c) {
     delete static_cast<Chain*>(PyCapsule_GetPointer(c, kChainCapsule));
   });
@@ -249,6 +335,7 @@ PyObject* chain_run(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs)
   TORCH_CHECK_TYPE(THPVariable_Check(args[1]), "sqz_kernels._C.chain_run: x must be a Tensor");
   const Chain& chain = *static_cast<const Chain*>(PyCapsule_GetPointer(args[0], kChainCapsule));
   at::Tensor x = THPVariable_Unpack(args[1]);
+  if (chain.guard && !chain.guard->passes(args[1], x)) Py_RETURN_NOTIMPLEMENTED;
   {
     pybind11::gil_scoped_release no_gil;
     c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
@@ -272,7 +359,8 @@ PyMethodDef methods[] = {
      "call(op_name, *args): torch.ops.sqz_kernels.<op_name>(*args) below autograd, with a short "
      "argument conversion (see csrc/python_calls.cpp)"},
     {"chain_build", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&chain_build)),
-     METH_FASTCALL, "chain_build(steps, final_view): a chain of op calls for chain_run"},
+     METH_FASTCALL,
+     "chain_build(steps, final_view, guards=None): a chain of op calls for chain_run"},
     {"chain_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&chain_run)),
      METH_FASTCALL, "chain_run(chain, x): runs a chain_build chain on x (see KernelChain)"},
     {nullptr, nullptr, 0, nullptr}};

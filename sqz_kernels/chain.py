@@ -14,13 +14,13 @@ sqz ops (each op's input is the previous op's output, untouched), and then runs 
 A call falls back to ``model(x)`` when the input differs from the traced one in type, shape,
 strides, dtype or device, when a gradient can flow (grad mode on and x or a parameter requires
 grad), inside a ``__torch_function__`` mode, when a module's ``training`` flag differs from its
-value at the trace, or when a parameter or buffer the chain holds is no longer the one in its
-module (``load_state_dict`` and ``set_compressed`` install new tensors in Codebook layers);
-``run.fallbacks`` counts those calls. In-place updates of the held tensors (an optimizer step,
-``mul_``) are seen. Like ``torch.jit.trace`` it records one path: changing a layer's flags
-(``relu``, ``pool``), adding hooks (they do not run inside the chain) or a forward whose Python
-branches on tensor values need a new KernelChain. The trace refuses a forward that changes the
-model's parameters or buffers.
+value at the trace, or when a parameter, buffer, child module or Codebook flag (``relu``, ``pool``, ``global_pool``)
+was replaced or added since the trace (``load_state_dict`` installs new tensors in Codebook
+layers; surgery replaces children); ``run.fallbacks`` counts those calls. In-place updates of the
+held tensors (an optimizer step, ``mul_``) are seen. Like ``torch.jit.trace`` it records one path:
+hooks added later (they do not run inside the chain), other attributes a forward reads, or a
+forward whose Python branches on tensor values need a new KernelChain. The trace refuses a
+forward that changes the model's parameters or buffers.
 """
 from typing import List, Optional
 
@@ -44,6 +44,11 @@ def _view_shape(t: Tensor, base: Tensor, what: str) -> Optional[List[int]]:
                      "the model computes something between two sqz ops that the chain would skip")
 
 
+# Attributes whose change would change a traced forward: nn.Module's mode, and the Codebook
+# layers' flags (fold_relu_ / fold_pool_ set them).
+_GUARDED_ATTRS = ("training", "relu", "pool", "global_pool")
+
+
 def _same_values(a: Tensor, b: Tensor) -> bool:
     """Equal shapes and elements, NaN where the other has NaN."""
     if a.shape != b.shape:
@@ -63,30 +68,27 @@ class KernelChain:
                              "counter for the trace's checks); make it outside torch.inference_mode")
         self.model = model
         self.fallbacks = 0
-        self._sig = self._signature(example)
-        self._modes = [(m, m.training) for m in model.modules()]
         with torch.no_grad():
             steps, final_view, expected = self._trace(model, example)
-            # where each held tensor lives: (its module's _parameters / _buffers dict, name)
-            homes = {}
+            # chain_run checks these on every call (csrc/python_calls.cpp) and returns
+            # NotImplemented when one fails: each module's training flag and layer flags, and the
+            # identity and number of its parameters, buffers and children
+            entries, lengths = [], []
             for m in model.modules():
-                for d in (m._parameters, m._buffers):
-                    for name, t in d.items():
-                        if t is not None:
-                            homes.setdefault(id(t), (d, name))
-            tensors = [a for _, args, _ in steps for a in args[1:] if isinstance(a, Tensor)]
-            self._held = [(t, *homes[id(t)]) for t in tensors]
-            self._chain = _C.chain_build(steps, final_view)
+                attrs = m.__dict__
+                for key in _GUARDED_ATTRS:
+                    if key in attrs:
+                        entries.append((attrs, key, attrs[key]))
+                for d in (m._parameters, m._buffers, m._modules):
+                    entries.extend((d, k, v) for k, v in d.items())
+                    lengths.append((d, len(d)))
+            self._chain = _C.chain_build(steps, final_view, (example, entries, lengths))
             self.num_ops = len(steps)
             got = _C.chain_run(self._chain, example)
         # The same kernels on the same tensors: the same bits (a mismatch would mean the trace
         # missed a step).
         if not _same_values(got, expected):
             raise ValueError("KernelChain: the chain's output differs from the model's on the example")
-
-    @staticmethod
-    def _signature(x: Tensor):
-        return (type(x), x.dtype, x.device, tuple(x.shape), x.stride())
 
     @staticmethod
     def _trace(model: nn.Module, x: Tensor):
@@ -132,18 +134,9 @@ class KernelChain:
             raise ValueError("KernelChain: the last op's output was changed in place")
         return steps, final_view, out
 
-    def _applies(self, x: Tensor) -> bool:
-        if self._signature(x) != self._sig or torch._C._is_torch_function_mode_enabled():
-            return False
-        if any(m.training != t for m, t in self._modes):
-            return False
-        if any(d.get(name) is not t for t, d, name in self._held):
-            return False  # a parameter or buffer was replaced (load_state_dict, set_compressed)
-        return not (torch.is_grad_enabled() and
-                    (x.requires_grad or any(t.requires_grad for t, _, _ in self._held)))
-
     def __call__(self, x: Tensor) -> Tensor:
-        if not self._applies(x):
+        out = _C.chain_run(self._chain, x) if type(x) is Tensor else NotImplemented
+        if out is NotImplemented:
             self.fallbacks += 1
             return self.model(x)
-        return _C.chain_run(self._chain, x)
+        return out

@@ -187,6 +187,21 @@ def test_c_entry_points_reject_bad_input():
     assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2).view(1, 12))
     with pytest.raises(TypeError, match="x must be a Tensor"):
         _C.chain_run(chain, 3)
+    with pytest.raises(TypeError, match="guards must be"):
+        _C.chain_build([("max_pool2d", (None, [2, 2], [2, 2], [0, 0], False), None)], None, (x,))
+    with pytest.raises(TypeError, match="guard entry"):
+        _C.chain_build([("max_pool2d", (None, [2, 2], [2, 2], [0, 0], False), None)], None,
+                       (x, [("not a dict", "k", 1)], []))
+    d = {"k": 1}
+    guarded = _C.chain_build([("max_pool2d", (None, [2, 2], [2, 2], [0, 0], False), None)], None,
+                             (x, [(d, "k", d["k"])], [(d, 1)]))
+    assert torch.equal(_C.chain_run(guarded, x), torch.nn.functional.max_pool2d(x, 2))
+    assert _C.chain_run(guarded, x[:, :2]) is NotImplemented  # another shape
+    d["k"] = object()
+    assert _C.chain_run(guarded, x) is NotImplemented  # an entry replaced
+    d["k"] = 1
+    d["j"] = 2
+    assert _C.chain_run(guarded, x) is NotImplemented  # an entry added
 
 
 def test_replaced_parameters_and_submodule_modes_fall_back(folded):
@@ -207,6 +222,33 @@ def test_replaced_parameters_and_submodule_modes_fall_back(folded):
         y = run(x)
         torch.manual_seed(5)
         assert torch.equal(y, model(x))
+    assert run.fallbacks == 1
+
+
+def test_surgery_and_flags_after_the_trace_fall_back(folded):
+    x = torch.randn(1, 3, 64, 64)
+    model = copy.deepcopy(folded)
+    run = sk.KernelChain(model, x)
+    with torch.no_grad():
+        model.features[0].relu = False  # a layer flag
+        assert torch.equal(run(x), model(x))
+        model.features[0].relu = True
+        run(x)
+        assert run.fallbacks == 1  # the same flag value again: the chain applies
+        model.features[4] = copy.deepcopy(model.features[4])  # a replaced child (equal weights)
+        assert torch.equal(run(x), model(x))
+        assert run.fallbacks == 2
+        model.features[4].expand1x1.bias = None  # a parameter removed
+        assert torch.equal(run(x), model(x))
+        assert run.fallbacks == 3
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    run = sk.KernelChain(model, x)
+    with torch.no_grad(), Mode():
+        run(x)
     assert run.fallbacks == 1
 
 
