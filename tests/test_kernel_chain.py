@@ -23,6 +23,17 @@ def _folded(arch="squeezenet1_1", block=1):
     return model
 
 
+def _assert_runs_the_model(run, model, x):
+    """run(x) falls back to model(x) (Dropout active: equal under the same seed)."""
+    before = run.fallbacks
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y = run(x)
+        torch.manual_seed(3)
+        assert torch.equal(y, model(x))
+    assert run.fallbacks == before + 1
+
+
 @pytest.fixture(scope="module")
 def folded():
     return _folded()
@@ -65,12 +76,7 @@ def test_fallbacks_give_the_model_output(folded):
     model = copy.deepcopy(folded)
     run = sk.KernelChain(model, x)
     model.train()  # Dropout active: the traced (eval) chain no longer applies
-    with torch.no_grad():
-        torch.manual_seed(3)
-        y = run(x)
-        torch.manual_seed(3)
-        assert torch.equal(y, model(x))
-    assert run.fallbacks == 1
+    _assert_runs_the_model(run, model, x)
 
 
 def test_gradients_flow_through_the_fallback(folded):
@@ -217,12 +223,7 @@ def test_replaced_parameters_and_submodule_modes_fall_back(folded):
     assert run.fallbacks == 1
     run = sk.KernelChain(model, x)  # a new chain holds the new tensors
     model.classifier.train()  # only a submodule (its Dropout) leaves eval mode
-    with torch.no_grad():
-        torch.manual_seed(5)
-        y = run(x)
-        torch.manual_seed(5)
-        assert torch.equal(y, model(x))
-    assert run.fallbacks == 1
+    _assert_runs_the_model(run, model, x)
 
 
 def test_surgery_and_flags_after_the_trace_fall_back(folded):
