@@ -61,7 +61,7 @@ class KernelChain:
     """Runs ``model`` (a chain of sqz_kernels ops, traced on ``example``) from one Python call."""
 
     def __init__(self, model: nn.Module, example: Tensor):
-        if not isinstance(example, Tensor) or type(example) is not Tensor:
+        if type(example) is not Tensor:
             raise TypeError("KernelChain: example must be a plain torch.Tensor")
         if example.is_inference():
             raise ValueError("KernelChain: example is an inference tensor (it has no version "
@@ -115,7 +115,7 @@ class KernelChain:
                              "a chain would replay one state")
         if not isinstance(out, Tensor):
             raise ValueError("KernelChain: the model must return one Tensor")
-        owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        owned = {id(t) for t, _ in state}
         steps, prev, prev_version = [], x, v_in
         for i, (name, args, v0, y, vy) in enumerate(rec):
             what = "the model's input" if i == 0 else f"the input of step {i} ({name})"

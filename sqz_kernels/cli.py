@@ -113,12 +113,12 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     fast_pool_(tuned)
     fold_relu_(tuned)
     fold_pool_(tuned)
-    # and the tuned model as one chain of sqz ops run from C++ (no Python between layers)
+    # and the tuned model as one chain of sqz ops run from C++ (no Python between layers); the
+    # constructor raises unless the chain equals the tuned model bit for bit on x
     from .chain import KernelChain
     chain = KernelChain(tuned, x)
     with torch.no_grad():
         y_dense, y_comp, y_ref, y_tuned = eager(x), loaded(x), reference(x), tuned(x)
-        chain_equal = torch.equal(chain(x), y_tuned)
     kernel_diff = max((y_comp - y_ref).abs().max().item(), (y_tuned - y_ref).abs().max().item())
     dense_diff = (y_comp - y_dense).abs().max().item()
     med = alternate({"eager": lambda: eager(x), "fused": lambda: fused(x), "compressed": lambda: loaded(x),
@@ -137,9 +137,7 @@ def _compressed_demo(args, eager, fused, x) -> bool:
     print(f"{'compressed, .sqz file':28} {file_bytes:14,d}")
     print(f"max |kernels - decoded reference| = {kernel_diff:.3g}   "
           f"max |compressed - dense| = {dense_diff:.3g} (pruning + quantisation changes the function)")
-    if not chain_equal:
-        print("KernelChain output differs from the tuned model's")
-    return chain_equal and kernel_diff <= 1e-4 * max(1.0, y_ref.abs().max().item())
+    return kernel_diff <= 1e-4 * max(1.0, y_ref.abs().max().item())
 
 
 def cmd_bench(args) -> int:
