@@ -184,6 +184,25 @@ def test_conv2d_classifier_shaped_threads(quads):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("quads", [False, True])
+def test_channels_last_output_row_blocks(quads):
+    # A channels-last output leaves the rows kernel's tiles raw and transposes them out 16 rows at
+    # a time, blocks ending at multiples of 16: 45 / 70 rows (a short last block), 3 threads (the
+    # thread splits start mid-block), quads and single rows, 1x1 (flat) and 3x3 layouts.
+    n = torch.get_num_threads()
+    try:
+        for t, (C, O, k, p, H) in itertools.product((1, 2, 3), ((24, 45, 1, 0, 13), (8, 70, 3, 1, 20))):
+            torch.set_num_threads(t)
+            L = make_layer(O, C * k * k, 0.4, 6, seed=O + t, quads=quads)
+            x = torch.randn(1, C, H, H).to(memory_format=torch.channels_last)
+            _poison((1, O, H, H), torch.float32)
+            y = co.codebook_conv2d(x, *args(L), k, 1, p, True)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            _close(y, _conv_ref(x, L, C, (k, k), 1, p, True))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_float64():
     C, O = 6, 7
     L = make_layer(O, C * 9, 0.5, 5, dtype=torch.float64)
