@@ -85,3 +85,33 @@ def test_one_channel_blocks_fire(shape, cpu_isa, tiny_blocks):
     y = co.codebook_fused_fire(x, *[t for L in layers for t in _cast(L, torch.float32)])
     ref = co.codebook_fire_reference(x.double(), *[_cast(L, torch.float64) for L in layers])
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_l1_blocks_by_default(channels_last, threads):
+    """A layer of >= 128 rows without quads whose slab exceeds L1 is K-blocked by default into
+    L1-sized blocks (chunk_channels), walked by the K-blocked rows kernel: 64 channels x 3x3 on 13x13
+    (a 184 KB slab), 136 rows, a row with fillers; as a conv and as a Fire's expand3x3."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_conv((64, 136, 3, 1, 1, 13, 0.33, True), channels_last, bits=6, seed=threads)
+        test_blocked_fire((128, 64, 128, 136, 13), channels_last)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_channel_blocks_quads(channels_last, tiny_blocks):
+    """Block-pruned rows (quads) under K-blocking: quads take the per-row kernels, single rows the
+    K-blocked rows kernel, in one layer."""
+    c, o, k, h = 24, 22, 3, 9
+    layer = make_layer(o, c * k * k, 0.4, bits=6, seed=3, quads=True)
+    x = torch.randn(1, c, h, h)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = co.codebook_conv2d(x, *_cast(layer, torch.float32), k, 1, 1, True)
+    ref = F.relu(F.conv2d(x.double(), layer["dense"].double().reshape(o, c, k, k),
+                          layer["bias"].double(), 1, 1))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)

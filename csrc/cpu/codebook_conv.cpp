@@ -142,7 +142,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   set_table(cr, g, lay, op);
 
   const int64_t step = tile_step(k, flat ? pitch : B * pitch);
-  const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);
+  const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O,
+                                           l1_kblocks(L, k));
   set_blocks(L, C, g.kh * g.kw, cch);
   const int64_t tasks = g.N * nb * ob;
   std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));

@@ -77,7 +77,8 @@ void conv_pool_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const
   set_table(cr, g, lay, op);
   Rows<T>& L = cr.L;
   const int64_t step = tile_step(k, CR * pitch);
-  const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O);
+  const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O,
+                                           l1_kblocks(L, k));
   set_blocks(L, C, g.kh * g.kw, cch);
   const int64_t conv_plane = CR * g.Wo;  // one channel of the band's conv output
   const bool fast = pool::fast3s2_applies<T>(pg, k.wide);

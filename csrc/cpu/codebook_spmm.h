@@ -74,6 +74,13 @@ inline bool group_has_filler(uint64_t g8) {
   return ((ng - 0x0101010101010101ull) & ~ng & 0x8080808080808080ull) != 0;
 }
 
+#if defined(__AVX512F__)
+// The sum of the 8 gap bytes packed in g8 (one SAD).
+inline int64_t group_gap_sum(uint64_t g8) {
+  return _mm_cvtsi128_si64(_mm_sad_epu8(_mm_cvtsi64_si128(static_cast<int64_t>(g8)), _mm_setzero_si128()));
+}
+#endif
+
 // Where a finished tile goes when it is final (not a K-block partial): vector v of the tile, after
 // + bias[o] and ReLU, is stored under mask[d][v] at base[d] + o * row_stride[d] + off[d][v] for each
 // of the nd destinations (the Fire's squeeze writes its three column copies this way). Used by the
@@ -294,22 +301,21 @@ inline Walk tile_avx512_wide(const float* in, const uint8_t* gp, const uint8_t* 
   };
   int64_t cur = cur0;
   int64_t j = 0;
-  // Unbounded walks (whole rows) take 8 entries per step: gaps and codes arrive as one 8-byte
-  // load each and are shifted out, so an entry costs two scalar loads (its table offset and its
-  // broadcast weight) instead of four. The input vectors already keep both load ports busy.
-  // A group holding a filler is left to the entry loop below.
-  if (bound == kNoBound) {
-    for (; j + 8 <= cnt; j += 8) {
-      uint64_t g8, c8;
-      std::memcpy(&g8, gp + j, 8);
-      if (SQZ_UNLIKELY(group_has_filler(g8))) break;
-      std::memcpy(&c8, cp + j, 8);
-      for (int u = 0; u < 8; ++u) {
-        cur += static_cast<int64_t>(g8 & 0xFF) + 1;
-        g8 >>= 8;
-        entry(tab[cur], c8 & 0xFF);
-        c8 >>= 8;
-      }
+  // 8 entries per step: gaps and codes arrive as one 8-byte load each and are shifted out, so an
+  // entry costs two scalar loads (its table offset and its broadcast weight) instead of four. A
+  // group holding a filler, or (K-blocking) one whose last cursor reaches the bound, is left to
+  // the entry loop below.
+  for (; j + 8 <= cnt; j += 8) {
+    uint64_t g8, c8;
+    std::memcpy(&g8, gp + j, 8);
+    if (SQZ_UNLIKELY(group_has_filler(g8))) break;
+    if (bound != kNoBound && cur + 8 + group_gap_sum(g8) >= bound) break;
+    std::memcpy(&c8, cp + j, 8);
+    for (int u = 0; u < 8; ++u) {
+      cur += static_cast<int64_t>(g8 & 0xFF) + 1;
+      g8 >>= 8;
+      entry(tab[cur], c8 & 0xFF);
+      c8 >>= 8;
     }
   }
   for (; j < cnt; ++j) {
@@ -526,6 +532,39 @@ constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>)
 // The rows kernel for a tile of len pixels (a multiple of 16, <= kMaxTile).
 inline RowsFn rows_avx512(int len) {
   static constexpr auto fns = rows_table(std::make_index_sequence<kMaxTile / 16>());
+  return by_vectors(fns, len);
+}
+
+// One K-block of rows [o0, o1) of one whole-vector tile (K-blocked layers, rows without quads):
+// each row resumes its walk (walk[o - o0]) up to `bound`, its partial tile in part + (o - o0) * ld
+// (read back when acc_in); the last block stores final tiles through td when given. As with
+// rows_avx512_t, the tile kernel is inlined into the row loop.
+template <int NV>
+__attribute__((noinline)) void rows_kb_avx512_t(const float* in, const uint8_t* gaps,
+                                               const uint8_t* codes, const int64_t* row_start,
+                                               const int32_t* tab, const float* cb, int64_t o0,
+                                               int64_t o1, const TileDst<float>* td, Walk* walk,
+                                               int64_t bound, bool acc_in, float* part, int64_t ld) {
+  for (int64_t o = o0; o < o1; ++o) {
+    Walk& wk = walk[o - o0];
+    const Walk r = tile_avx512_full<NV>(in, gaps + wk.n, codes + wk.n, row_start[o + 1] - wk.n,
+                                        wk.cur, bound, tab, cb, 16 * NV, part + (o - o0) * ld,
+                                        acc_in, td, o);
+    wk = {wk.n + r.n, r.cur};
+  }
+}
+
+using RowsKbFn = void (*)(const float*, const uint8_t*, const uint8_t*, const int64_t*,
+                          const int32_t*, const float*, int64_t, int64_t, const TileDst<float>*,
+                          Walk*, int64_t, bool, float*, int64_t);
+
+template <std::size_t... I>
+constexpr std::array<RowsKbFn, sizeof...(I)> rows_kb_table(std::index_sequence<I...>) {
+  return {{&rows_kb_avx512_t<static_cast<int>(I) + 1>...}};
+}
+
+inline RowsKbFn rows_kb_avx512(int len) {
+  static constexpr auto fns = rows_kb_table(std::make_index_sequence<kMaxTile / 16>());
   return by_vectors(fns, len);
 }
 #endif
@@ -1001,27 +1040,42 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // (`planes` = kw * sh copies/phases of `step + halo` elements per channel) stays within the
 // budget while all rows of the layer walk it; `channels` when the whole slab fits. A block also
 // holds enough channels for >= min_entries entries per row on average (`entries` in `rows` rows),
-// since every (row, block) is a kernel call with a partial-tile round trip.
-// Measured on SqueezeNet 1.1 (1 and 2 threads, 33 % density, same-process A/B): L1-sized budgets
-// (16-24 KB) were 0-50 % slower than none, and a 128 KB budget was 5-10 % slower than none on the
-// 13x13 squeeze / expand3x3 / classifier layers (Fires neutral). The default (512 KB, half the L2
-// of a core here) only blocks slabs that would push the rest of the working set out of L2.
+// since every (row, block) has a partial-tile round trip.
+// Two budgets. `l1` (rows without quads on the AVX-512 float kernels, see l1_kblocks): a layer of
+// >= 128 rows whose slab exceeds L1 (48 KB a core here) gets L1-sized blocks (40 KB, >= 16
+// entries per row), walked by rows_kb_avx512. Those row kernels load one input vector per
+// multiply-add, and a 13x13 3x3 layer with 64 input channels (a 184 KB slab) took twice as long
+// per multiply-add as one whose slab fitted L1 (1 thread). Same-process A/B, 2 threads, 33 %
+// unstructured, SqueezeNet 1.1: 13x13 expand3x3 1.08-1.15x, classifier 1.09-1.17x, 13x13 Fires
+// 1.04-1.20x, 27x27 Fires 1.00-1.13x; fewer rows (55x55 Fires, squeezes) lost up to 12 % with L1
+// blocks, so they keep the other budget. Otherwise (quads, other ISAs, float64): 512 KB, half the
+// L2 of a core, >= 48 entries per row, which only blocks slabs that would push the rest of the
+// working set out of L2 (L1 budgets were 0-50 % slower through the generic per-row kernels).
 // SQZ_KBLOCK_BYTES / SQZ_KBLOCK_MIN_ENTRIES override the two limits (tuning, and tests that force
 // tiny blocks through every block-boundary case).
 template <typename T>
 inline int64_t chunk_channels(int64_t channels, int64_t planes, int64_t step, int64_t halo,
-                              int64_t entries, int64_t rows) {
+                              int64_t entries, int64_t rows, bool l1) {
   const char* eb = std::getenv("SQZ_KBLOCK_BYTES");
   const char* em = std::getenv("SQZ_KBLOCK_MIN_ENTRIES");
-  const int64_t budget = eb ? std::max<int64_t>(1, std::atoll(eb)) : 512 * 1024;
-  const double min_entries = em ? std::max(0.0, std::atof(em)) : 48.0;
   const int64_t per_ch = planes * (step + halo) * static_cast<int64_t>(sizeof(T));
+  const bool l1_blocks = l1 && rows >= 128 && per_ch * channels > 48 * 1024;
+  const int64_t budget =
+      eb ? std::max<int64_t>(1, std::atoll(eb)) : l1_blocks ? 40 * 1024 : 512 * 1024;
+  const double min_entries = em ? std::max(0.0, std::atof(em)) : l1_blocks ? 16.0 : 48.0;
   int64_t cch = std::max<int64_t>(1, budget / std::max<int64_t>(per_ch, 1));
   const double per_row_ch = static_cast<double>(entries) /
                             static_cast<double>(std::max<int64_t>(1, rows * channels));
   if (per_row_ch * static_cast<double>(cch) < min_entries)
     cch = per_row_ch > 0 ? static_cast<int64_t>(min_entries / per_row_ch) + 1 : channels;
   return std::min(cch, channels);
+}
+
+// Whether a layer's K-blocks are sized for L1 (chunk_channels): rows without quads on the AVX-512
+// float kernels, whose K-blocked rows kernel (rows_kb_avx512) resumes each row's walk cheaply.
+template <typename T>
+inline bool l1_kblocks(const Rows<T>& L, const Kernel<T>& k) {
+  return std::is_same<T, float>::value && k.wide && L.quads == nullptr;
 }
 
 // The usual sink of a layer: a finished tile of row o goes to the output through the Epilogue;
@@ -1150,6 +1204,25 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
     T* const pbase = part.get(rows * step);
     walk.resize(rows);
     for (int64_t o = o0; o < o1; ++o) walk[o - o0] = {L.row_start[o], -1};
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      // Rows without quads: the K-blocked rows kernel (one call per block for all rows).
+      const RowsKbFn kf = k.wide && L.quads == nullptr ? rows_kb_avx512(len) : nullptr;
+      if (kf) {
+        for (int64_t c = 0; c < L.nblocks; ++c) {
+          const bool last = c == L.nblocks - 1;
+          kf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, last ? dst : nullptr,
+             walk.data(), last ? kNoBound : (c + 1) * L.block_pos, c > 0, pbase, step);
+        }
+        if (rowblocks) {
+          sink.store_rows(pbase, step, q0, len, o0, o1);
+        } else if (!dst) {
+          for (int64_t o = o0; o < o1; ++o) sink.store(pbase + (o - o0) * step, q0, len, o);
+        }
+        continue;
+      }
+    }
+#endif
     for (int64_t c = 0; c < L.nblocks; ++c) {
       const bool last = c == L.nblocks - 1;
       const int64_t bound = last ? kNoBound : (c + 1) * L.block_pos;
