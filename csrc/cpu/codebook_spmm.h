@@ -1042,13 +1042,14 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // holds enough channels for >= min_entries entries per row on average (`entries` in `rows` rows),
 // since every (row, block) has a partial-tile round trip.
 // Two budgets. `l1` (rows without quads on the AVX-512 float kernels, see l1_kblocks): a layer of
-// >= 128 rows whose slab exceeds L1 (48 KB a core here) gets L1-sized blocks (40 KB, >= 16
+// >= 64 rows whose slab exceeds L1 (48 KB a core here) gets L1-sized blocks (40 KB, >= 16
 // entries per row), walked by rows_kb_avx512. Those row kernels load one input vector per
 // multiply-add, and a 13x13 3x3 layer with 64 input channels (a 184 KB slab) took twice as long
 // per multiply-add as one whose slab fitted L1 (1 thread). Same-process A/B, 2 threads, 33 %
-// unstructured, SqueezeNet 1.1: 13x13 expand3x3 1.08-1.15x, classifier 1.09-1.17x, 13x13 Fires
-// 1.04-1.20x, 27x27 Fires 1.00-1.13x; fewer rows (55x55 Fires, squeezes) lost up to 12 % with L1
-// blocks, so they keep the other budget. Otherwise (quads, other ISAs, float64): 512 KB, half the
+// unstructured, SqueezeNet 1.1, against the 512 KB budget: 13x13 expand3x3 1.08-1.15x, classifier
+// 1.09-1.17x, 13x13 Fires 1.04-1.20x, 27x27 Fires 1.00-1.13x. With L1 blocks for every row count
+// the 55x55 Fires lost 9-12 % (16-row squeezes: too little reuse of a block); from 64 rows instead
+// of 128: Fires 0.94-1.08x (mean ~1.02), the 64-row 13x13 squeezes 1.05-1.07x. Otherwise (quads, other ISAs, float64): 512 KB, half the
 // L2 of a core, >= 48 entries per row, which only blocks slabs that would push the rest of the
 // working set out of L2 (L1 budgets were 0-50 % slower through the generic per-row kernels).
 // SQZ_KBLOCK_BYTES / SQZ_KBLOCK_MIN_ENTRIES override the two limits (tuning, and tests that force
@@ -1059,7 +1060,7 @@ inline int64_t chunk_channels(int64_t channels, int64_t planes, int64_t step, in
   const char* eb = std::getenv("SQZ_KBLOCK_BYTES");
   const char* em = std::getenv("SQZ_KBLOCK_MIN_ENTRIES");
   const int64_t per_ch = planes * (step + halo) * static_cast<int64_t>(sizeof(T));
-  const bool l1_blocks = l1 && rows >= 128 && per_ch * channels > 48 * 1024;
+  const bool l1_blocks = l1 && rows >= 64 && per_ch * channels > 48 * 1024;
   const int64_t budget =
       eb ? std::max<int64_t>(1, std::atoll(eb)) : l1_blocks ? 40 * 1024 : 512 * 1024;
   const double min_entries = em ? std::max(0.0, std::atof(em)) : l1_blocks ? 16.0 : 48.0;
