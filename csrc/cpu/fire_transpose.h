@@ -89,6 +89,25 @@ inline void transpose_tile16(const float* src, int64_t ss, int rows, int cols, f
   }
 }
 
+// dst[c * ds + p] = src[p * ss + c] for p < np, c < nc, by one 16-lane gather per channel and 16
+// pixels: for inputs of a few channels (RGB), where a 16x16 transpose would spend 64 shuffles on
+// 16 x nc values. The offsets p * ss must fit 32 bits (callers: ss is a small pixel stride).
+inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
+                           int64_t ds) {
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(ss)));
+  for (int64_t p0 = 0; p0 < np; p0 += 16) {
+    const int64_t left = np - p0;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const float* s = src + p0 * ss;
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, s + c, 4);
+      _mm512_mask_storeu_ps(dst + c * ds + p0, m, v);
+    }
+  }
+}
+
 // dst[c * ds + p] = src[p * ss + c] for p < np, c < nc: any sizes, in 16x16 tiles. For reading a
 // channels-last input (the packing of the codebook kernels and of FusedFire): whole tiles go through
 // transpose16x16_load, same-process A/B on the codebook channels-last squeezes 1.00-1.06x. (For the
