@@ -138,6 +138,19 @@ def test_conv2d_trailing_filler_and_no_bias():
     _close(y, F.conv2d(x.double(), w.reshape(2, C, 3, 3), padding=1))
 
 
+@pytest.mark.parametrize("C", [1, 3, 4, 5])
+def test_conv2d_channels_last_slices_of_few_channels(C):
+    # Inputs of <= 4 channels in a channels-last layout are packed by gathers (one per channel and
+    # 16 pixels), others by 16x16 transposes: channel slices of a wider channels-last tensor (pixel
+    # stride 8 > C) and every other column (stride 2), as conv1 (3x3 / 2) and a 1x1 conv.
+    wide = torch.randn(2, 8, 21, 38).to(memory_format=torch.channels_last)
+    for x in (wide[:, 1:1 + C], wide[:, :C, :, ::2]):
+        assert x.stride(1) == 1 and x.stride(3) >= 8
+        for k, s, p in ((3, 2, 0), (1, 1, 0), (3, 1, 1)):
+            L = make_layer(10, C * k * k, 0.5, 6, seed=C + k)
+            _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, (k, k), s, p, True))
+
+
 def test_conv2d_noncontiguous_and_batch0():
     C, O = 8, 12
     L = make_layer(O, C * 9, 0.33, 6)

@@ -539,9 +539,9 @@ inline RowsFn rows_avx512(int len) {
 // each row resumes its walk (walk[o - o0]) up to `bound`, its partial tile in part + (o - o0) * ld
 // (read back when acc_in); the last block stores final tiles through td when given. `flatten`
 // inlines the tile kernel into the row loop: GCC kept tile_avx512_wide<NV> a called function, and
-// inlined the kernel was 1.03-1.09x on the unstructured Fires, 1.04-1.08x on the 3x3 expands and
-// 1.16x on the classifier (same-process A/B, 2 threads, 33 %; flattening rows_avx512_t as well
-// changed nothing measurable).
+// inlined the kernel was 1.03-1.15x on the unstructured Fires, 1.03-1.09x on the 3x3 expands and
+// 1.14-1.16x on the classifier (same-process A/B, two runs, 2 threads, 33 %; flattening
+// rows_avx512_t as well changed nothing measurable).
 template <int NV>
 __attribute__((noinline, flatten)) void rows_kb_avx512_t(const float* in, const uint8_t* gaps,
                                                const uint8_t* codes, const int64_t* row_start,
@@ -1060,9 +1060,10 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // unstructured, SqueezeNet 1.1, against the 512 KB budget: 13x13 expand3x3 1.08-1.15x, classifier
 // 1.09-1.17x, 13x13 Fires 1.04-1.20x, 27x27 Fires 1.00-1.13x. With L1 blocks for every row count
 // the 55x55 Fires lost 9-12 % (16-row squeezes: too little reuse of a block); from 64 rows instead
-// of 128: Fires 0.94-1.08x (mean ~1.02), the 64-row 13x13 squeezes 1.05-1.07x. Otherwise (quads, other ISAs, float64): 512 KB, half the
-// L2 of a core, >= 48 entries per row, which only blocks slabs that would push the rest of the
-// working set out of L2 (L1 budgets were 0-50 % slower through the generic per-row kernels).
+// of 128: Fires 0.94-1.08x (mean ~1.02), the 64-row 13x13 squeezes 1.05-1.07x. Otherwise (quads,
+// other ISAs, float64): 512 KB, half the L2 of a core, >= 48 entries per row, which only blocks
+// slabs that would push the rest of the working set out of L2 (L1 budgets were 0-50 % slower
+// through the generic per-row kernels).
 // SQZ_KBLOCK_BYTES / SQZ_KBLOCK_MIN_ENTRIES override the two limits (tuning, and tests that force
 // tiny blocks through every block-boundary case).
 template <typename T>
