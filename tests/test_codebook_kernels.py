@@ -355,7 +355,10 @@ def test_fused_fire_band_sizes(band_bytes, threads, monkeypatch):
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for C, S, E1, E3, H, W, N in ((20, 6, 8, 8, 23, 21, 2), (12, 5, 3, 4, 9, 35, 1)):
+        # (the third map fits one pixel tile, so a large budget makes it one band per image; the
+        # others' bands are capped at one tile's rows)
+        for C, S, E1, E3, H, W, N in ((20, 6, 8, 8, 23, 21, 2), (12, 5, 3, 4, 9, 35, 1),
+                                      (20, 6, 8, 8, 11, 9, 2)):
             layers = _fire_layers(C, S, E1, E3, 0.4, seed=H)
             for cl in (False, True):
                 x = torch.randn(N, C, H, W)

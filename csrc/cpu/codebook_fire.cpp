@@ -109,7 +109,14 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   const char* env_band = std::getenv("SQZ_FIRE_BAND_BYTES");  // tuning override
   const int64_t budget = env_band ? std::max<int64_t>(1, std::atoll(env_band)) : kFireBandBytes;
   const int64_t band_bytes = H * P <= k.tile ? 2 * budget : budget;
-  const int64_t bmax = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
+  // A map larger than one pixel tile gets bands of at most one tile's rows (k.tile / P: 4 rows of
+  // a 55x55 map, 8 of a 27x27), not as many rows as the budget holds: same-process A/B, 2 threads,
+  // 33 %: SqueezeNet 1.1's fire2 / fire4 unstructured 1.31-1.38x / 1.22-1.25x (block-4 1.12-1.20x
+  // / 1.01-1.11x), 1.0's fire2 1.06-1.12x, the other 55x55 / 27x27 Fires 0.99-1.09x; the whole
+  // 1.1 network as a KernelChain 1.03-1.04x unstructured, 1.00-1.01x block-4.
+  const int64_t bmax_budget = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
+  const int64_t bmax =
+      H * P > k.tile ? std::min(bmax_budget, std::max<int64_t>(1, k.tile / P)) : bmax_budget;
   // Bands: of B output rows, or (pooled) of PB pooled rows, which need up to B Fire rows.
   const int64_t HB = pg ? pg->Ho : H;  // rows the bands split
   auto fire_rows_of = [&](int64_t pr) { return std::min(H, (pr - 1) * pg->sh + pg->kh); };
