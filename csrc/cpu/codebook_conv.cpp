@@ -119,9 +119,17 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // one band).
   const bool whole_map =
       flat && one_tile && L.quads == nullptr && g.Ho * row_bytes <= 2 * kBandBytes;
-  const int64_t bmax =
+  const int64_t bmax_budget =
       whole_map ? g.Ho
                 : std::max<int64_t>(1, kBandBytes / std::max<int64_t>(1, row_bytes) - extra_rows);
+  // Bands of a map larger than one pixel tile hold at most max(8, one tile's) rows: a 27x27 3x3
+  // layer ran as two 14-row bands (two tiles each) within the budget; as 8-row bands (one tile):
+  // same-process A/B, 2 threads, SqueezeNet 1.1's 27x27 expand3x3 unstructured 1.04-1.16x (block-4
+  // 0.99-1.03x), 55x55 expand3x3 and conv1 0.96-1.04x. (Bands of one tile's rows, 4 at 55x55, as
+  // the Fire takes: 55x55 0.93-0.99x, conv1 0.86-1.01x.)
+  const int64_t bmax = !flat && g.Ho * row_pitch > k.tile
+                           ? std::min(bmax_budget, std::max<int64_t>(8, k.tile / row_pitch))
+                           : bmax_budget;
   int64_t nb = ceil_div(g.Ho, bmax);
   if (g.N * nb < nthreads && !one_tile) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
   int64_t B = ceil_div(g.Ho, nb);
