@@ -88,11 +88,12 @@ inline int64_t group_gap_sum(uint64_t g8) {
 // stores would also block store-to-load forwarding in a separate epilogue.
 template <typename T>
 struct TileDst {
+  static constexpr int kMax = 6;  // the Fire's squeeze read in place: 3 copies x 2 row pieces
   int nd = 0;
-  T* base[3] = {nullptr, nullptr, nullptr};
-  int64_t row_stride[3] = {0, 0, 0};
-  int64_t off[3][kMaxTile / 16] = {};
-  uint16_t mask[3][kMaxTile / 16] = {};
+  T* base[kMax] = {};
+  int64_t row_stride[kMax] = {};
+  int64_t off[kMax][kMaxTile / 16] = {};
+  uint16_t mask[kMax][kMaxTile / 16] = {};
   const T* bias = nullptr;
   bool relu = false;
 };
