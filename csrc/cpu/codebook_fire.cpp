@@ -274,11 +274,11 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // K-blocking of the three layers so each one's slab stays in L1 (see chunk_channels).
   const int64_t step_sq = tile_step(k, (B + 2) * P), step_ex = tile_step(k, B * P);
   set_blocks(Lsq, C, 1, chunk_channels<T>(C, 1, step_sq, 0, sq.codes.numel(), S,
-                                               l1_kblocks(Lsq, k)));
+                                               l1_kblocks(Lsq, k), 16, 32));
   set_blocks(Le1, S, 1, chunk_channels<T>(S, 1, step_ex, 0, e1.codes.numel(), E1,
-                                               l1_kblocks(Le1, k)));
+                                               l1_kblocks(Le1, k), 16, 32));
   set_blocks(Le3, S, 9, chunk_channels<T>(S, 3, step_ex, 2 * P, e3.codes.numel(), E3,
-                                               l1_kblocks(Le3, k)));
+                                               l1_kblocks(Le3, k), 16, 32));
 
   // The squeeze reads x in place (no packed copy of its input rows) when x's rows are contiguous
   // runs of W >= 16 pixels (NCHW), on the AVX-512 float kernels: its positions are then channel

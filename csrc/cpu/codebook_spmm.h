@@ -1054,8 +1054,11 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // holds enough channels for >= min_entries entries per row on average (`entries` in `rows` rows),
 // since every (row, block) has a partial-tile round trip.
 // Two budgets. `l1` (rows without quads on the AVX-512 float kernels, see l1_kblocks): a layer of
-// >= 64 rows whose slab exceeds L1 (48 KB a core here) gets L1-sized blocks (40 KB, >= 16
-// entries per row), walked by rows_kb_avx512. Those row kernels load one input vector per
+// >= l1_min_rows rows (and >= l1_min_row_entries entries per row) whose slab exceeds L1 (48 KB a
+// core here) gets L1-sized blocks (40 KB, >= 16 entries per row), walked by rows_kb_avx512. The
+// convs take >= 64 rows; the Fire's three layers >= 16 rows of >= 32 entries (its squeezes have
+// 16-64 rows: same-process A/B against >= 64 rows, 2 threads, unstructured Fires 0.97-1.12x, mean
+// ~1.04x; as standalone convs, 16-32-row squeezes of 42 entries per row lost 4-8 %). Those row kernels load one input vector per
 // multiply-add, and a 13x13 3x3 layer with 64 input channels (a 184 KB slab) took twice as long
 // per multiply-add as one whose slab fitted L1 (1 thread). Same-process A/B, 2 threads, 33 %
 // unstructured, SqueezeNet 1.1, against the 512 KB budget: 13x13 expand3x3 1.08-1.15x, classifier
@@ -1069,11 +1072,13 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // tiny blocks through every block-boundary case).
 template <typename T>
 inline int64_t chunk_channels(int64_t channels, int64_t planes, int64_t step, int64_t halo,
-                              int64_t entries, int64_t rows, bool l1) {
+                              int64_t entries, int64_t rows, bool l1, int64_t l1_min_rows = 64,
+                              int64_t l1_min_row_entries = 0) {
   const char* eb = std::getenv("SQZ_KBLOCK_BYTES");
   const char* em = std::getenv("SQZ_KBLOCK_MIN_ENTRIES");
   const int64_t per_ch = planes * (step + halo) * static_cast<int64_t>(sizeof(T));
-  const bool l1_blocks = l1 && rows >= 64 && per_ch * channels > 48 * 1024;
+  const bool l1_blocks = l1 && rows >= l1_min_rows && entries >= l1_min_row_entries * rows &&
+                         per_ch * channels > 48 * 1024;
   const int64_t budget =
       eb ? std::max<int64_t>(1, std::atoll(eb)) : l1_blocks ? 40 * 1024 : 512 * 1024;
   const double min_entries = em ? std::max(0.0, std::atof(em)) : l1_blocks ? 16.0 : 48.0;
