@@ -90,7 +90,7 @@ def test_one_channel_blocks_fire(shape, cpu_isa, tiny_blocks):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_l1_blocks_by_default(channels_last, threads):
-    """A layer of >= 128 rows without quads whose slab exceeds L1 is K-blocked by default into
+    """A conv of >= 64 rows without quads whose slab exceeds L1 is K-blocked by default into
     L1-sized blocks (chunk_channels), walked by the K-blocked rows kernel: 64 channels x 3x3 on 13x13
     (a 184 KB slab), 136 rows, a row with fillers; as a conv and as a Fire's expand3x3."""
     n = torch.get_num_threads()
@@ -104,8 +104,8 @@ def test_l1_blocks_by_default(channels_last, threads):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_channel_blocks_quads(channels_last, tiny_blocks):
-    """Block-pruned rows (quads) under K-blocking: quads take the per-row kernels, single rows the
-    K-blocked rows kernel, in one layer."""
+    """Block-pruned rows (quads) under K-blocking: a layer with quads takes the generic per-row
+    K-blocked path for all its rows (quads and the single rows among them)."""
     c, o, k, h = 24, 22, 3, 9
     layer = make_layer(o, c * k * k, 0.4, bits=6, seed=3, quads=True)
     x = torch.randn(1, c, h, h)

@@ -200,8 +200,9 @@ def test_conv2d_classifier_shaped_threads(quads):
 @pytest.mark.parametrize("quads", [False, True])
 def test_channels_last_output_row_blocks(quads):
     # A channels-last output leaves the rows kernel's tiles raw and transposes them out 16 rows at
-    # a time, blocks ending at multiples of 16: 45 / 70 rows (a short last block), 3 threads (the
-    # thread splits start mid-block), quads and single rows, 1x1 (flat) and 3x3 layouts.
+    # a time, blocks ending at multiples of 16: 45 / 70 rows (a short last block), 1-3 threads (45
+    # rows on 2 threads split output channels at row 23, mid-block), quads and single rows, 1x1
+    # (flat) and 3x3 layouts.
     n = torch.get_num_threads()
     try:
         for t, (C, O, k, p, H) in itertools.product((1, 2, 3), ((24, 45, 1, 0, 13), (8, 70, 3, 1, 20))):
@@ -350,6 +351,43 @@ def test_fused_fire_squeeze_reads_x_in_place(threads):
                 _close(y, _fire_ref(x, layers))
     finally:
         torch.set_num_threads(n)
+
+
+def test_fused_fire_in_place_squeeze_stays_inside_x():
+    """x placed right before an inaccessible page (mmap + mprotect, in a subprocess): the in-place
+    squeeze rounds each band's run up to 16 pixels, so the band that would read past the end of x's
+    storage must be packed instead; reading a single float past x faults. W = 17 (rows straddle
+    vectors), 1 and 2 threads, batch 2 (the second image's last band)."""
+    code = textwrap.dedent(f"""
+        import ctypes, mmap, sys
+        import torch
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from sqz_kernels import codebook_ops as co
+        from codebook_helpers import args, make_layer
+        N, C, S, E1, E3, H, W = 2, 8, 4, 4, 5, 9, 17
+        n = N * C * H * W
+        page = mmap.PAGESIZE
+        total = -(-n * 4 // page) * page + page
+        mm = mmap.mmap(-1, total)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        libc = ctypes.CDLL(None)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(base + total - page, page, 0) == 0
+        x = torch.frombuffer(mm, dtype=torch.float32, count=n, offset=total - page - 4 * n)
+        x = x.view(N, C, H, W)
+        x.copy_(torch.randn(N, C, H, W))
+        layers = [make_layer(S, C, 0.5, 6, seed=1), make_layer(E1, S, 0.5, 6, seed=2),
+                  make_layer(E3, 9 * S, 0.5, 6, seed=3)]
+        ref = co.codebook_fire_reference(x.double(), *[(L["codebook"].double(), L["codes"], L["gaps"],
+                                         L["row_counts"], L["bias"].double()) for L in layers])
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
 def test_fused_fire_no_bias_threads_noncontiguous():

@@ -126,8 +126,8 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // layer ran as two 14-row bands (two tiles each) within the budget; as 8-row bands (one tile):
   // same-process A/B, 2 threads, SqueezeNet 1.1's 27x27 expand3x3 unstructured 1.04-1.16x (block-4
   // 0.99-1.03x), 55x55 expand3x3 and conv1 0.96-1.04x. (Bands of one tile's rows, 4 at 55x55, as
-  // the Fire takes: 55x55 0.93-0.99x, conv1 0.86-1.01x.)
-  const int64_t bmax = !flat && g.Ho * row_pitch > k.tile
+  // the Fire takes: 55x55 0.93-0.99x, conv1 0.86-1.01x.) AVX-512 float kernels only (their tile).
+  const int64_t bmax = k.wide && !flat && g.Ho * row_pitch > k.tile
                            ? std::min(bmax_budget, std::max<int64_t>(8, k.tile / row_pitch))
                            : bmax_budget;
   int64_t nb = ceil_div(g.Ho, bmax);

@@ -127,6 +127,10 @@ struct SqueezeSinkInPlace {
     for (int v = 0; v < len / 16; ++v) {
       const int64_t q = q0 + 16 * v, row = q / W, col = q - row * W;
       const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, npix - q));
+      if (valid == 0) {  // past the band: no store (and no address beyond the buffer)
+        for (int d = 0; d < 6; ++d) td.off[d][v] = 0, td.mask[d][v] = 0;
+        continue;
+      }
       const int64_t n1 = std::min<int64_t>(valid, W - col);  // lanes in this row
       const uint32_t m1 = (1u << n1) - 1u, m2 = ((1u << valid) - 1u) & ~m1;
       const uint32_t last = n1 > 0 && col + n1 == W ? 1u << (n1 - 1) : 0u;  // column W - 1
@@ -179,8 +183,10 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // / 1.01-1.11x), 1.0's fire2 1.06-1.12x, the other 55x55 / 27x27 Fires 0.99-1.09x; the whole
   // 1.1 network as a KernelChain 1.03-1.04x unstructured, 1.00-1.01x block-4.
   const int64_t bmax_budget = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, row_bytes) - 2);
-  const int64_t bmax =
-      H * P > k.tile ? std::min(bmax_budget, std::max<int64_t>(1, k.tile / P)) : bmax_budget;
+  // (AVX-512 float kernels only: the measured tile is theirs; narrower tiles would give 1-row bands.)
+  const int64_t bmax = k.wide && H * P > k.tile
+                           ? std::min(bmax_budget, std::max<int64_t>(1, k.tile / P))
+                           : bmax_budget;
   // Bands: of B output rows, or (pooled) of PB pooled rows, which need up to B Fire rows.
   const int64_t HB = pg ? pg->Ho : H;  // rows the bands split
   auto fire_rows_of = [&](int64_t pr) { return std::min(H, (pr - 1) * pg->sh + pg->kh); };

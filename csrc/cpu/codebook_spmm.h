@@ -1233,7 +1233,7 @@ inline void spmm_rows(const Kernel<T>& k, const T* in, const Rows<T>& L, int64_t
           kf(in + q0, L.gaps, L.codes, L.row_start, L.table, L.cb, o0, o1, last ? dst : nullptr,
              walk.data(), last ? kNoBound : (c + 1) * L.block_pos, c > 0, pbase, step);
         }
-        if (rowblocks) {
+        if (rowblocks) {  // all rows' partial tiles are needed until the last block: one store
           sink.store_rows(pbase, step, q0, len, o0, o1);
         } else if (!dst) {
           for (int64_t o = o0; o < o1; ++o) sink.store(pbase + (o - o0) * step, q0, len, o);
