@@ -333,8 +333,9 @@ def test_fused_fire_matches_reference(case, density, channels_last, isa):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_fire_squeeze_reads_x_in_place(threads):
-    """With NCHW rows of W >= 16 pixels the squeeze reads x itself: a band's rows are one flat run
-    per channel whose vectors straddle row ends (W = 16, 17, 27, 40), the run rounded up to 16
+    """With NCHW rows of W >= 8 pixels the squeeze reads x itself: a band's rows are one flat run
+    per channel whose vectors straddle row ends (W = 16, 17, 27, 40: two rows; W = 8, 11, 13: up to
+    three), the run rounded up to 16
     pixels; a band whose rounded run would read past the end of x's storage is packed instead
     (the last band of a contiguous x), while views of a larger tensor (rows or channels cut from
     it) read in place up to their last band. Batch 2: a run may read into the next image."""
@@ -342,7 +343,8 @@ def test_fused_fire_squeeze_reads_x_in_place(threads):
     try:
         torch.set_num_threads(threads)
         for C, S, E1, E3, H, W in ((24, 6, 8, 8, 9, 16), (20, 5, 4, 6, 7, 17), (16, 8, 8, 8, 11, 27),
-                                   (12, 4, 3, 5, 5, 40)):
+                                   (12, 4, 3, 5, 5, 40), (20, 6, 5, 7, 13, 13), (9, 4, 3, 3, 10, 8),
+                                   (10, 3, 4, 4, 6, 11)):
             layers = _fire_layers(C, S, E1, E3, 0.4, seed=W)
             big = torch.randn(2, C + 3, H + 3, W)
             for x in (torch.randn(2, C, H, W), big[:, 1:1 + C, 1:1 + H], big[:, :C, 2:2 + H]):

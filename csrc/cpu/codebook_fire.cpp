@@ -88,9 +88,9 @@ struct SqueezeSink {
 
 // The squeeze read in place: the same epilogue for a squeeze that reads x itself (NCHW rows of W
 // pixels, no pitch), so pixel q of the band is row q / W, column q % W. A vector of 16 pixels may
-// end one row and start the next (W >= 16: never three): per copy a piece up to the row end and
-// a piece at the next row's start, P - W further on (destinations 3-5). Pixels past the band's
-// npix are not written.
+// end one row and start the next (two rows for W >= 16, three for 8 <= W < 16): per copy a piece
+// per row, each P - W further on than the one before (destinations 3 k + copy). Pixels past the
+// band's npix are not written.
 template <typename T>
 struct SqueezeSinkInPlace {
   T* sbuf;
@@ -116,9 +116,10 @@ struct SqueezeSinkInPlace {
   void store_rows(T*, int64_t, int64_t, int, int64_t, int64_t) const {}
 
   bool plan(int64_t q0, int len, TileDst<T>& td) const {
-    if (len % 16 != 0 || W < 16) return false;
-    td.nd = 6;
-    for (int d = 0; d < 6; ++d) {
+    if (len % 16 != 0 || W < 8) return false;
+    const int pieces = W >= 16 ? 2 : 3;  // rows a vector of 16 pixels can touch
+    td.nd = 3 * pieces;
+    for (int d = 0; d < td.nd; ++d) {
       td.base[d] = sbuf + (d % 3) * copy_stride + row_off * P;
       td.row_stride[d] = plane;
     }
@@ -127,28 +128,25 @@ struct SqueezeSinkInPlace {
     for (int v = 0; v < len / 16; ++v) {
       const int64_t q = q0 + 16 * v, row = q / W, col = q - row * W;
       const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, npix - q));
-      if (valid == 0) {  // past the band: no store (and no address beyond the buffer)
-        for (int d = 0; d < 6; ++d) td.off[d][v] = 0, td.mask[d][v] = 0;
-        continue;
+      // Piece k: lanes [s, e) in row row + k, lane l at column col + l - k * W, stored P - W
+      // further on per row (piece 0 ends at the row end; lanes past npix are not stored).
+      int64_t s = 0;
+      for (int k = 0; k < pieces; ++k) {
+        const int64_t e = std::min<int64_t>(valid, k == 0 ? W - col : s + W);
+        const uint32_t m = e > s ? ((1u << e) - 1u) & ~((1u << s) - 1u) : 0u;
+        const int64_t last = (k + 1) * W - 1 - col;  // the lane at column W - 1
+        const int64_t first = k * W - col;           // the lane at column 0
+        const uint32_t no_last = last >= s && last < e ? ~(1u << last) : ~0u;
+        const uint32_t no_first = first >= s && first < e ? ~(1u << first) : ~0u;
+        const int64_t at = m ? row * P + col + k * (P - W) : 0;  // no address for no store
+        td.off[3 * k][v] = m ? at + 1 : 0;
+        td.mask[3 * k][v] = static_cast<uint16_t>(m & no_last);  // copy 0: column c + 1 < W
+        td.off[3 * k + 1][v] = at;
+        td.mask[3 * k + 1][v] = static_cast<uint16_t>(m);
+        td.off[3 * k + 2][v] = m ? at - 1 : 0;
+        td.mask[3 * k + 2][v] = static_cast<uint16_t>(m & no_first);  // copy 2: column c - 1 >= 0
+        s = std::max(s, e);
       }
-      const int64_t n1 = std::min<int64_t>(valid, W - col);  // lanes in this row
-      const uint32_t m1 = (1u << n1) - 1u, m2 = ((1u << valid) - 1u) & ~m1;
-      const uint32_t last = n1 > 0 && col + n1 == W ? 1u << (n1 - 1) : 0u;  // column W - 1
-      const int64_t at = row * P + col, next = P - W;
-      td.off[0][v] = at + 1;
-      td.mask[0][v] = static_cast<uint16_t>(m1 & ~last);  // column c + 1 < W
-      td.off[1][v] = at;
-      td.mask[1][v] = static_cast<uint16_t>(m1);
-      td.off[2][v] = at - 1;
-      td.mask[2][v] = static_cast<uint16_t>(col == 0 ? m1 & ~1u : m1);  // column c - 1 >= 0
-      // lane n1 is column 0 of the next row (copy 2 skips it); the next row's column W - 1 is
-      // never in the vector (n2 <= 15 < W)
-      td.off[3][v] = at + 1 + next;
-      td.mask[3][v] = static_cast<uint16_t>(m2);
-      td.off[4][v] = at + next;
-      td.mask[4][v] = static_cast<uint16_t>(m2);
-      td.off[5][v] = at - 1 + next;
-      td.mask[5][v] = static_cast<uint16_t>(m2 & ~(1u << n1));
     }
     return true;
   }
@@ -287,14 +285,15 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
                                                l1_kblocks(Le3, k), 16, 32));
 
   // The squeeze reads x in place (no packed copy of its input rows) when x's rows are contiguous
-  // runs of W >= 16 pixels (NCHW), on the AVX-512 float kernels: its positions are then channel
+  // runs of W >= 8 pixels (NCHW), on the AVX-512 float kernels: its positions are then channel
   // offsets c * xs[1], and a band's pixels one flat run of (rows) * W per channel. The packed copy
   // was ~11 % of a 55x55 Fire's samples (128 channels). A band whose rounded-up run would read past
   // the end of x's storage is packed as before. Same-process A/B, 2 threads, 33 %: the 55x55 /
   // 27x27 Fires unstructured 0.99-1.05x, block-4 1.02-1.16x; the whole SqueezeNet 1.1 as a
-  // KernelChain 1.01x / 1.04x. (13x13 maps, W < 16, would need three row pieces: packed.)
+  // KernelChain 1.01x / 1.04x. Maps of 8 <= W < 16 (13x13) take three row pieces per vector:
+  // 13x13 Fires 1.00-1.09x, the whole network 1.01-1.02x more (same-process A/B).
   const bool in_place =
-      std::is_same<T, float>::value && k.wide && k.direct && xs[3] == 1 && xs[2] == W && W >= 16 &&
+      std::is_same<T, float>::value && k.wide && k.direct && xs[3] == 1 && xs[2] == W && W >= 8 &&
       (C - 1) * xs[1] + H * W + kVec < std::numeric_limits<int32_t>::max();
   const int64_t readable = in_place ? static_cast<int64_t>(x.storage().nbytes() / sizeof(T)) -
                                           x.storage_offset()

@@ -88,7 +88,7 @@ inline int64_t group_gap_sum(uint64_t g8) {
 // stores would also block store-to-load forwarding in a separate epilogue.
 template <typename T>
 struct TileDst {
-  static constexpr int kMax = 6;  // the Fire's squeeze read in place: 3 copies x 2 row pieces
+  static constexpr int kMax = 9;  // the Fire's squeeze read in place: 3 copies x 3 row pieces
   int nd = 0;
   T* base[kMax] = {};
   int64_t row_stride[kMax] = {};
