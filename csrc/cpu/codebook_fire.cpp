@@ -25,6 +25,16 @@ namespace {
 constexpr int64_t kFireBandBytes = 512 * 1024;
 
 
+// ReLU(v) at squeeze column c of row r of the buffer, into the three column copies (copy kx holds
+// column c at c + 1 - kx; the zero border columns are left alone). The scalar squeeze epilogues.
+template <typename T>
+inline void put_squeeze(T* r, int64_t c, T v, int64_t W, int64_t copy_stride) {
+  v = v < T(0) ? T(0) : v;  // ReLU (NaN stays NaN, like torch.relu)
+  if (c + 1 < W) r[c + 1] = v;                 // copy 0
+  r[copy_stride + c] = v;                      // copy 1
+  if (c >= 1) r[2 * copy_stride + c - 1] = v;  // copy 2
+}
+
 // Squeeze epilogue: a finished tile of squeeze channel o (pixels q of the packed input band, row
 // pitch P, valid columns [0, W)) -> ReLU(acc + b) written into the three column copies of the
 // squeeze buffer (copy kx, column j = squeeze column j + kx - 1, so copy 1 is the map itself and
@@ -45,13 +55,7 @@ struct SqueezeSink {
       const int64_t seg = std::min<int64_t>(len - i, P - col);
       const int64_t c1 = std::min(W, col + seg);
       T* r = sbuf + o * plane + (row + row_off) * P;
-      for (int64_t c = col; c < c1; ++c) {
-        T v = acc[i + c - col] + b;
-        v = v < T(0) ? T(0) : v;  // ReLU (NaN stays NaN, like torch.relu)
-        if (c + 1 < W) r[c + 1] = v;             // copy 0
-        r[copy_stride + c] = v;                  // copy 1
-        if (c >= 1) r[2 * copy_stride + c - 1] = v;  // copy 2
-      }
+      for (int64_t c = col; c < c1; ++c) put_squeeze(r, c, acc[i + c - col] + b, W, copy_stride);
       i += seg;
     }
   }
@@ -103,12 +107,7 @@ struct SqueezeSinkInPlace {
     const T b = bias ? bias[o] : T(0);
     for (int64_t i = 0; i < len && q0 + i < npix; ++i) {
       const int64_t q = q0 + i, row = q / W, c = q - row * W;
-      T* r = sbuf + o * plane + (row + row_off) * P;
-      T v = acc[i] + b;
-      v = v < T(0) ? T(0) : v;  // ReLU (NaN stays NaN, like torch.relu)
-      if (c + 1 < W) r[c + 1] = v;                 // copy 0
-      r[copy_stride + c] = v;                      // copy 1
-      if (c >= 1) r[2 * copy_stride + c - 1] = v;  // copy 2
+      put_squeeze(sbuf + o * plane + (row + row_off) * P, c, acc[i] + b, W, copy_stride);
     }
   }
 
