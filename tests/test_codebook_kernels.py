@@ -161,6 +161,36 @@ def test_conv2d_noncontiguous_and_batch0():
     assert co.codebook_conv2d(x0, *args(L), 3, 1, 1, True).shape == (0, O, 5, 5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv2d_squeeze_reads_x_in_place(threads, isa):
+    """NCHW 1x1 convs with O <= C, few vector loads per input channel and maps of >= 256 pixels
+    read x in place: a band is one flat run per channel, rounded up to 16 pixels; the band whose
+    rounded run would pass the end of x's storage is packed (the last band of a contiguous x),
+    views of a larger tensor (rows or channels cut from it, every second channel) read in place to
+    their last band, and in batch 2 a run may read into the next image. Unstructured and block-4
+    layers (a row quad loads each input vector once for its four rows); every ISA's kernels, and
+    float64."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for C, O, H, W, quads in ((40, 8, 17, 19, False), (64, 16, 16, 16, True),
+                                  (33, 12, 23, 13, False), (48, 16, 29, 31, True)):
+            L = make_layer(O, C, 0.15, 6, seed=C, quads=quads)
+            big = torch.randn(2, C + 3, H + 3, W)
+            for x in (torch.randn(2, C, H, W), big[:, 1:1 + C, 1:1 + H], big[:, :C, 2:2 + H],
+                      torch.randn(1, 2 * C, H, W)[:, ::2]):
+                for relu in (True, False):
+                    _poison((x.shape[0], O, H, W), torch.float32)
+                    y = co.codebook_conv2d(x, *args(L), 1, 1, 0, relu)
+                    _close(y, _conv_ref(x, L, C, (1, 1), 1, 0, relu))
+            x = torch.randn(2, C, H, W, dtype=torch.float64)
+            a = list(args(L))
+            a[0], a[4] = a[0].double(), a[4].double()
+            _close(co.codebook_conv2d(x, *a, 1, 1, 0, True), _conv_ref(x, L, C, (1, 1), 1, 0, True))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_conv2d_large_batch_threads():
     C, O = 16, 32
     L = make_layer(O, C * 9, 0.33, 6)
@@ -355,18 +385,23 @@ def test_fused_fire_squeeze_reads_x_in_place(threads):
         torch.set_num_threads(n)
 
 
-def test_fused_fire_in_place_squeeze_stays_inside_x():
+@pytest.mark.parametrize("op", ["fire", "conv"])
+def test_in_place_squeeze_stays_inside_x(op):
     """x placed right before an inaccessible page (mmap + mprotect, in a subprocess): the in-place
-    squeeze rounds each band's run up to 16 pixels, so the band that would read past the end of x's
-    storage must be packed instead; reading a single float past x faults. W = 17 (rows straddle
-    vectors), 1 and 2 threads, batch 2 (the second image's last band)."""
+    squeeze (of the Fire, and of a standalone squeeze-like 1x1 conv) rounds each band's run up to
+    16 pixels, so the band that would read past the end of x's storage must be packed instead;
+    reading a single float past x faults. W = 17 (rows straddle vectors), 1 and 2 threads, batch 2
+    (the second image's last band)."""
     code = textwrap.dedent(f"""
         import ctypes, mmap, sys
         import torch
+        import torch.nn.functional as F
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from sqz_kernels import codebook_ops as co
         from codebook_helpers import args, make_layer
-        N, C, S, E1, E3, H, W = 2, 8, 4, 4, 5, 9, 17
+        fire = {op == "fire"!r}
+        # the conv's map has >= 256 pixels and O <= C: the sizes that read x in place
+        N, C, S, E1, E3, H, W = (2, 8, 4, 4, 5, 9, 17) if fire else (2, 24, 6, 0, 0, 17, 17)
         n = N * C * H * W
         page = mmap.PAGESIZE
         total = -(-n * 4 // page) * page + page
@@ -378,13 +413,21 @@ def test_fused_fire_in_place_squeeze_stays_inside_x():
         x = torch.frombuffer(mm, dtype=torch.float32, count=n, offset=total - page - 4 * n)
         x = x.view(N, C, H, W)
         x.copy_(torch.randn(N, C, H, W))
-        layers = [make_layer(S, C, 0.5, 6, seed=1), make_layer(E1, S, 0.5, 6, seed=2),
-                  make_layer(E3, 9 * S, 0.5, 6, seed=3)]
-        ref = co.codebook_fire_reference(x.double(), *[(L["codebook"].double(), L["codes"], L["gaps"],
-                                         L["row_counts"], L["bias"].double()) for L in layers])
+        if fire:
+            layers = [make_layer(S, C, 0.5, 6, seed=1), make_layer(E1, S, 0.5, 6, seed=2),
+                      make_layer(E3, 9 * S, 0.5, 6, seed=3)]
+            ref = co.codebook_fire_reference(x.double(), *[(L["codebook"].double(), L["codes"],
+                                             L["gaps"], L["row_counts"], L["bias"].double())
+                                             for L in layers])
+            run = lambda: co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]),
+                                                 *args(layers[2]))
+        else:
+            L = make_layer(S, C, 0.3, 6, seed=1)
+            ref = F.relu(F.conv2d(x.double(), L["dense"].reshape(S, C, 1, 1), L["bias"].double()))
+            run = lambda: co.codebook_conv2d(x, *args(L), 1, 1, 0, True)
         for t in (1, 2):
             torch.set_num_threads(t)
-            y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+            y = run()
             torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
         print("ok")
     """)

@@ -81,6 +81,19 @@ struct MeanSink {
   bool plan(int64_t, int, TileDst<T>&) const { return false; }
 };
 
+// Input vector loads the row kernels make per pixel tile of a layer: one per entry, but a row
+// quad (rows sharing one pattern, walked together) loads each of its positions once for 4 rows.
+template <typename T>
+double vector_loads(const Rows<T>& L, int64_t O) {
+  auto count = [&](int64_t o) { return static_cast<double>(L.row_start[o + 1] - L.row_start[o]); };
+  double n = 0;
+  for (int64_t o = 0; o < O; ++o) {
+    const bool quad = L.quads != nullptr && o / 4 < O / 4 && L.quads[o / 4];
+    if (!quad || o % 4 == 0) n += count(o);
+  }
+  return n;
+}
+
 // mean_out: null for codebook_conv2d (output at out, strides os); else the global average pool of
 // the output, [N, O] at mean_out (os then only describes a virtual NCHW output for the layout
 // choice). Each task adds into its own per-(image, band) partial sums, reduced after the parallel
@@ -88,7 +101,7 @@ struct MeanSink {
 template <typename T>
 void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stream& s, const T* cb,
                     const T* bias, bool relu, T* out, const int64_t* os, const char* op,
-                    T* mean_out = nullptr) {
+                    int64_t readable, T* mean_out = nullptr) {
   const Kernel<T> k = select_kernel<T>(active_isa());
   const int64_t C = g.C;
   const int64_t extra_rows = (g.kh - 1) / g.sh;  // plane rows = band rows + extra_rows
@@ -153,22 +166,42 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const int64_t cch = chunk_channels<T>(C, planes, step, extra_rows * pitch, s.codes.numel(), g.O,
                                            l1_kblocks(L, k));
   set_blocks(L, C, g.kh * g.kw, cch);
+  // A flat squeeze-like layer (O <= C) over NCHW x (pixels contiguous, rows W apart) reads x in
+  // place: a band is one run of rows * W pixels per channel, so the kernels walk x itself with
+  // channel offsets c * xs[1] (same streams, blocks and quads) instead of a packed copy of the
+  // band; a band whose run, rounded up to whole vectors, would read past the end of x's storage
+  // (`readable` elements from x) is packed as before. The copy was ~37 % of a 55x55 squeeze's
+  // samples (1 thread), but x's runs are not 64-byte aligned, so each vector load from them spans
+  // two cache lines: it pays only while the row kernels load each input vector a few times
+  // (vector_loads) and the map is larger than 13x13. Same-process A/B, 2 threads, NCHW 1x1 convs
+  // of SqueezeNet 1.0 / 1.1: 55x55 / 54x54 squeezes 1.12-1.93x at 10 % (1.2-1.4x block-4 at
+  // 33 %), 27x27 ones 1.05-1.26x at 10 %; at 3.5 loads per input vector and beyond they lost up to
+  // 28 % (1.0's 27x27 squeezes at 33 %), 13x13 maps 1-8 %, the 1x1 expands (O > C) 0-3 %.
+  const bool in_place = flat && xs[3] == 1 && g.O <= C && g.H * g.W >= 256 &&
+                        vector_loads(L, g.O) <= 3.5 * static_cast<double>(C) &&
+                        (C - 1) * xs[1] < std::numeric_limits<int32_t>::max();
+  std::vector<int32_t> t_x(in_place ? static_cast<size_t>(C) : 0);
+  for (int64_t c = 0; c < static_cast<int64_t>(t_x.size()); ++c)
+    t_x[static_cast<size_t>(c)] = static_cast<int32_t>(c * xs[1]);
+  Rows<T> L_x = L;
+  L_x.table = t_x.data();
   const int64_t tasks = g.N * nb * ob;
   std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> buf(lay.elems);
     Scratch<T> part;
     std::vector<Walk> walk;
-    // Rows [o0, o1) over the first npix pixels of the packed band: stored through ep, or (mean)
-    // summed into the (image, band)'s partial sums over ep's valid columns.
-    auto emit = [&](const Epilogue<T>& ep, int64_t npix, int64_t n, int64_t band, int64_t o0,
-                    int64_t o1) {
+    // Rows [o0, o1) over the first npix pixels of `in` (the packed band, or x in place, each with
+    // its address table in rl): stored through ep, or (mean) summed into the (image, band)'s
+    // partial sums over ep's valid columns.
+    auto emit = [&](const T* in, const Rows<T>& rl, const Epilogue<T>& ep, int64_t npix,
+                    int64_t n, int64_t band, int64_t o0, int64_t o1) {
       if (mean_out) {
         const MeanSink<T> ms{sums.data() + (n * nb + band) * g.O, ep.in_w, ep.out_w, bias, relu,
                              k.wide};
-        spmm_rows(k, buf.data(), L, o0, o1, npix, ms, part, walk);
+        spmm_rows(k, in, rl, o0, o1, npix, ms, part, walk);
       } else {
-        spmm_rows(k, buf.data(), L, o0, o1, npix, OutSink<T>{ep, k.wide}, part, walk);
+        spmm_rows(k, in, rl, o0, o1, npix, OutSink<T>{ep, k.wide}, part, walk);
       }
     };
     for (int64_t t = b; t < e; ++t) {
@@ -181,18 +214,21 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
       if (rows <= 0 || o0 >= o1) continue;
       T* on = out ? out + n * os[0] + r0 * os[2] : nullptr;  // null: mean_out
       if (flat) {
-        const int64_t npix = rows * g.W;
+        const int64_t npix = rows * g.W, x0 = n * xs[0] + r0 * xs[2];
+        const Epilogue<T> ep{on, os[1], 0, os[3], pitch, npix, bias, relu};
+        if (in_place && x0 + (C - 1) * xs[1] + round_up(npix, kVec) <= readable) {
+          emit(x + x0, L_x, ep, round_up(npix, kVec), n, band, o0, o1);
+          continue;
+        }
         // the band as a 1 x npix image (pixel stride xs[3]), packed by the usual routine
-        pack_band(x + n * xs[0] + r0 * xs[2], xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix,
-                  lay, buf.data());
-        emit(Epilogue<T>{on, os[1], 0, os[3], pitch, npix, bias, relu}, round_up(npix, kVec), n,
-             band, o0, o1);
+        pack_band(x + x0, xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix, lay, buf.data());
+        emit(buf.data(), L, ep, round_up(npix, kVec), n, band, o0, o1);
         continue;
       }
       pack_band(x + n * xs[0], xs[1], xs[2], xs[3], C, g.H, g.W, r0 * g.sh, g.kw, g.sh, g.sw,
                 g.ph, g.pw, g.Wo, lay, buf.data());
-      emit(Epilogue<T>{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu}, rows * pitch, n, band, o0,
-           o1);
+      emit(buf.data(), L, Epilogue<T>{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu},
+           rows * pitch, n, band, o0, o1);
     }
   });
   if (!mean_out) return;
@@ -217,9 +253,12 @@ void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, con
   const at::Tensor b = s.bias.has_value() ? s.bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "codebook_conv2d", [&] {
     scalar_t* y = out.data_ptr<scalar_t>();
+    // elements of x's storage readable from x's first element (the in-place flat path's bound)
+    const int64_t readable =
+        static_cast<int64_t>(x.storage().nbytes() / sizeof(scalar_t)) - x.storage_offset();
     conv_forward_t<scalar_t>(x.data_ptr<scalar_t>(), xs, g, s, cb.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr, relu,
-                             mean ? nullptr : y, os, op, mean ? y : nullptr);
+                             mean ? nullptr : y, os, op, readable, mean ? y : nullptr);
   });
 }
 
