@@ -41,34 +41,6 @@ inline __attribute__((always_inline)) void transpose16x16(__m512 r[16]) {
   }
 }
 
-// r[j] lane i = src[i * ss + j] for i, j < 16: the 16x16 transpose of a tile in memory with half
-// the shuffles of transpose16x16. The 128-bit lane moves come from the loads: vector (m, i) holds
-// columns 4m..4m+3 of rows i, 4 + i, 8 + i, 12 + i in its four lanes (one load and three lane
-// inserts from memory, which also issue on port 0), so only the 4x4 transposes within lanes
-// remain: 32 shuffles on port 5 instead of 64.
-inline __attribute__((always_inline)) void transpose16x16_load(const float* src, int64_t ss,
-                                                              __m512 r[16]) {
-  for (int m = 0; m < 4; ++m) {
-    __m512 v[4];
-    for (int i = 0; i < 4; ++i) {
-      const float* p = src + i * ss + 4 * m;
-      __m512 t = _mm512_castps128_ps512(_mm_loadu_ps(p));
-      t = _mm512_insertf32x4(t, _mm_loadu_ps(p + 4 * ss), 1);
-      t = _mm512_insertf32x4(t, _mm_loadu_ps(p + 8 * ss), 2);
-      v[i] = _mm512_insertf32x4(t, _mm_loadu_ps(p + 12 * ss), 3);
-    }
-    // In every lane g: the 4x4 block rows 4g..4g+3 x columns 4m..4m+3, transposed.
-    const __m512 t0 = _mm512_unpacklo_ps(v[0], v[1]), t1 = _mm512_unpackhi_ps(v[0], v[1]);
-    const __m512 t2 = _mm512_unpacklo_ps(v[2], v[3]), t3 = _mm512_unpackhi_ps(v[2], v[3]);
-    const __m512d a = _mm512_castps_pd(t0), b = _mm512_castps_pd(t1);
-    const __m512d c = _mm512_castps_pd(t2), d = _mm512_castps_pd(t3);
-    r[4 * m + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * m + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * m + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * m + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-}
-
 // dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols (both <= 16).
 inline void transpose_tile16(const float* src, int64_t ss, int rows, int cols, float* dst,
                              int64_t ds) {
@@ -108,24 +80,21 @@ inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc,
   }
 }
 
-// dst[c * ds + p] = src[p * ss + c] for p < np, c < nc: any sizes, in 16x16 tiles. For reading a
-// channels-last input (the packing of the codebook kernels and of FusedFire): whole tiles go through
-// transpose16x16_load, same-process A/B on the codebook channels-last squeezes 1.00-1.06x. (For the
-// transposing store of output tiles, whose source rows are in L1, it was 0.92-0.98x: there the
-// shuffles stay.)
+// dst[c * ds + p] = src[p * ss + c] for p < np, c < nc: any sizes, in 16x16 tiles (reading a
+// channels-last input: the packing of the codebook kernels and of FusedFire), each by the 64
+// register shuffles of transpose16x16. Measured against the alternatives (1 thread, tiles in L1):
+// two of the four stages by 128-bit loads + lane inserts (32 shuffles + 48 inserts) 27 ns a tile
+// against 16 (the inserts seem to compete for the shuffle port); 48 shuffles + 16 256-bit inserts,
+// or the first stage by 64-bit shifts and blends, 15-16 ns. Same-process A/B of the first against
+// the shuffles, 2 threads: channels_last codebook squeezes 1.00-1.12x, codebook Fires 0.98-1.07x
+// for the shuffles. A band whose buffer is in L2 is store-bound: 22 ns a tile, as a plain copy.
 inline void transpose_2d(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                          int64_t ds) {
   for (int64_t p0 = 0; p0 < np; p0 += 16) {
     const int rows = (int)std::min<int64_t>(16, np - p0);
     for (int64_t c0 = 0; c0 < nc; c0 += 16) {
       const int cols = (int)std::min<int64_t>(16, nc - c0);
-      if (rows == 16 && cols == 16) {
-        __m512 r[16];
-        transpose16x16_load(src + p0 * ss + c0, ss, r);
-        for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (c0 + c) * ds + p0, r[c]);
-      } else {
-        transpose_tile16(src + p0 * ss + c0, ss, rows, cols, dst + c0 * ds + p0, ds);
-      }
+      transpose_tile16(src + p0 * ss + c0, ss, rows, cols, dst + c0 * ds + p0, ds);
     }
   }
 }
