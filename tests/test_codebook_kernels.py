@@ -167,9 +167,9 @@ def test_conv2d_squeeze_reads_x_in_place(threads, isa):
     read x in place: a band is one flat run per channel, rounded up to 16 pixels; the band whose
     rounded run would pass the end of x's storage is packed (the last band of a contiguous x),
     views of a larger tensor (rows or channels cut from it, every second channel) read in place to
-    their last band, and in batch 2 a run may read into the next image. Unstructured and block-4
-    layers (a row quad loads each input vector once for its four rows); every ISA's kernels, and
-    float64."""
+    their last band (also an expanded x: channel stride 0), and in batch 2 a run may read into the
+    next image. Unstructured and block-4 layers (a row quad loads each input vector once for its
+    four rows); every ISA's kernels, and float64."""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -178,7 +178,7 @@ def test_conv2d_squeeze_reads_x_in_place(threads, isa):
             L = make_layer(O, C, 0.15, 6, seed=C, quads=quads)
             big = torch.randn(2, C + 3, H + 3, W)
             for x in (torch.randn(2, C, H, W), big[:, 1:1 + C, 1:1 + H], big[:, :C, 2:2 + H],
-                      torch.randn(1, 2 * C, H, W)[:, ::2]):
+                      torch.randn(1, 2 * C, H, W)[:, ::2], torch.randn(1, 1, H, W).expand(2, C, H, W)):
                 for relu in (True, False):
                     _poison((x.shape[0], O, H, W), torch.float32)
                     y = co.codebook_conv2d(x, *args(L), 1, 1, 0, relu)
