@@ -179,7 +179,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // 28 % (1.0's 27x27 squeezes at 33 %), 13x13 maps 1-8 %, the 1x1 expands (O > C) 0-3 %.
   const bool in_place = flat && xs[3] == 1 && g.O <= C && g.H * g.W >= 256 &&
                         vector_loads(L, g.O) <= 3.5 * static_cast<double>(C) &&
-                        (C - 1) * xs[1] < std::numeric_limits<int32_t>::max();
+                        (C - 1) * xs[1] + g.H * g.W + kVec < std::numeric_limits<int32_t>::max();
   std::vector<int32_t> t_x(in_place ? static_cast<size_t>(C) : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(t_x.size()); ++c)
     t_x[static_cast<size_t>(c)] = static_cast<int32_t>(c * xs[1]);
