@@ -16,7 +16,7 @@ import sqz_kernels  # noqa: F401
 from sqz_kernels import codebook_ops as co
 
 sys.path.insert(0, os.path.dirname(__file__))
-from codebook_helpers import args, make_layer  # noqa: E402
+from codebook_helpers import args, encode_rows, make_layer  # noqa: E402
 
 ISAS = ["avx512", "avx2", "scalar"]
 
@@ -187,6 +187,66 @@ def test_conv2d_squeeze_reads_x_in_place(threads, isa):
             a = list(args(L))
             a[0], a[4] = a[0].double(), a[4].double()
             _close(co.codebook_conv2d(x, *a, 1, 1, 0, True), _conv_ref(x, L, C, (1, 1), 1, 0, True))
+    finally:
+        torch.set_num_threads(n)
+
+
+def _layer_from_mask(mask, bits=6, seed=0):
+    """A compressed layer (make_layer's dict) with the given [O, K] pattern of stored weights."""
+    rng = np.random.default_rng(seed)
+    n = 2 ** bits
+    codebook = rng.standard_normal(n) * 0.5
+    codes_dense = rng.integers(0, n, size=mask.shape)
+    codes, gaps, counts = encode_rows(codes_dense, mask)
+    return dict(codebook=torch.tensor(codebook, dtype=torch.float32), codes=torch.from_numpy(codes),
+                gaps=torch.from_numpy(gaps), row_counts=torch.from_numpy(counts),
+                bias=torch.tensor(rng.standard_normal(mask.shape[0]) * 0.1, dtype=torch.float32),
+                dense=torch.from_numpy(np.where(mask, codebook[codes_dense], 0.0)))
+
+
+# Input channels a layer's rows reach, by group of 16: 3 (gathered), 12 (transposed), none
+# (skipped), 8 (gathered: the most a group is gathered with), and 5 of a last short group.
+_USED = [1, 5, 14] + list(range(16, 28)) + [48, 49, 51, 53, 55, 58, 60, 63] + [64, 66, 67, 69, 71]
+
+
+def _mask_reaching(O, C, taps, used, rng):
+    """[O, C * taps] pattern in which every channel of `used` is reached by one or two rows (at a
+    random tap) and no other channel is: few entries per channel, as a block-pruned layer at 10 %."""
+    mask = np.zeros((O, C * taps), dtype=bool)
+    for c in used:
+        for o in rng.choice(O, size=int(rng.integers(1, 3)), replace=False):
+            mask[o, c * taps + int(rng.integers(0, taps))] = True
+    return mask
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channels_last_packs_only_used_channels(threads):
+    """A channels_last layer whose rows reach few input channels packs only those: groups of 16
+    channels with <= 8 used ones by 16-lane gathers, fuller groups by transposes, empty groups not
+    at all. The unused channels of x hold NaN, so a gather of a wrong channel (or a plane the rows
+    read but nobody wrote) shows in the output. 1x1 convs (flat bands), a 3x3 / stride-2 conv
+    (three column copies, two row phases), and the Fire's squeeze; maps of >= 256 pixels whose
+    bands are not whole vectors; 1, 2 and 3 threads (bands split mid-map)."""
+    rng = np.random.default_rng(threads)
+    C, N, H, W = 72, 2, 17, 19
+    unused = [c for c in range(C) if c not in _USED]
+    x = torch.randn(N, C, H, W)
+    x[:, unused] = float("nan")
+    xz = x.nan_to_num(0.0)  # the reference: unused channels only ever meet zero weights
+    x = x.contiguous(memory_format=torch.channels_last)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for k, s, p in ((1, 1, 0), (3, 2, 1)):
+            L = _layer_from_mask(_mask_reaching(8, C, k * k, _USED, rng), seed=k)
+            for relu in (True, False):
+                _poison((N, 8, H, W), torch.float32)
+                y = co.codebook_conv2d(x, *args(L), k, s, p, relu)
+                _close(y, _conv_ref(xz, L, C, (k, k), s, p, relu))
+        layers = [_layer_from_mask(_mask_reaching(8, C, 1, _USED, rng), seed=1),
+                  make_layer(5, 8, 0.5, 6, seed=2), make_layer(6, 9 * 8, 0.5, 6, seed=3)]
+        y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
+        _close(y, _fire_ref(xz, layers))
     finally:
         torch.set_num_threads(n)
 

@@ -81,19 +81,6 @@ struct MeanSink {
   bool plan(int64_t, int, TileDst<T>&) const { return false; }
 };
 
-// Input vector loads the row kernels make per pixel tile of a layer: one per entry, but a row
-// quad (rows sharing one pattern, walked together) loads each of its positions once for 4 rows.
-template <typename T>
-double vector_loads(const Rows<T>& L, int64_t O) {
-  auto count = [&](int64_t o) { return static_cast<double>(L.row_start[o + 1] - L.row_start[o]); };
-  double n = 0;
-  for (int64_t o = 0; o < O; ++o) {
-    const bool quad = L.quads != nullptr && o / 4 < O / 4 && L.quads[o / 4];
-    if (!quad || o % 4 == 0) n += count(o);
-  }
-  return n;
-}
-
 // mean_out: null for codebook_conv2d (output at out, strides os); else the global average pool of
 // the output, [N, O] at mean_out (os then only describes a virtual NCHW output for the layout
 // choice). Each task adds into its own per-(image, band) partial sums, reduced after the parallel
@@ -185,6 +172,11 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
     t_x[static_cast<size_t>(c)] = static_cast<int32_t>(c * xs[1]);
   Rows<T> L_x = L;
   L_x.table = t_x.data();
+  // channels_last x of more than 13x13: pack only the channels the rows reach (when few are; see
+  // used_channels)
+  std::vector<uint8_t> used_keep;
+  const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k,
+                                      xs[1] == 1 && xs[3] != 1 && g.H * g.W >= 256, used_keep);
   const int64_t tasks = g.N * nb * ob;
   std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
@@ -221,12 +213,13 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
           continue;
         }
         // the band as a 1 x npix image (pixel stride xs[3]), packed by the usual routine
-        pack_band(x + x0, xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix, lay, buf.data());
+        pack_band(x + x0, xs[1], 0, xs[3], C, 1, npix, 0, 1, 1, 1, 0, 0, npix, lay, buf.data(),
+                  used);
         emit(buf.data(), L, ep, round_up(npix, kVec), n, band, o0, o1);
         continue;
       }
       pack_band(x + n * xs[0], xs[1], xs[2], xs[3], C, g.H, g.W, r0 * g.sh, g.kw, g.sh, g.sw,
-                g.ph, g.pw, g.Wo, lay, buf.data());
+                g.ph, g.pw, g.Wo, lay, buf.data(), used);
       emit(buf.data(), L, Epilogue<T>{on, os[1], os[2], os[3], pitch, g.Wo, bias, relu},
            rows * pitch, n, band, o0, o1);
     }

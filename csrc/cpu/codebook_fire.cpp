@@ -300,6 +300,11 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   std::vector<int32_t> t_sq_x(in_place ? C : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(t_sq_x.size()); ++c)
     t_sq_x[c] = static_cast<int32_t>(c * xs[1]);
+  // channels_last x of more than 13x13: pack only the input channels the squeeze reaches (when
+  // few are; see used_channels)
+  std::vector<uint8_t> used_keep;
+  const uint8_t* used = used_channels(Lsq, S, C, 1, k,
+                                            xs[1] == 1 && xs[3] != 1 && H * W >= 256, used_keep);
   Rows<T> Lsq_x = Lsq;  // the squeeze with x's channel offsets (same streams, blocks, quads)
   Lsq_x.table = t_sq_x.data();
 
@@ -366,7 +371,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
         Layout lp = lx;  // the packed band holds only the input rows still to squeeze
         lp.plane_rows = rb - from;
         pack_band(xp + n * xs[0], xs[1], xs[2], xs[3], C, H, W, from, 1, 1, 1, 0, 0, W, lp,
-                  pbuf.data());
+                  pbuf.data(), used);
         const SqueezeSink<T> ssq{sbuf.data(), from - base, P, W, ls.plane, ls.copy_stride, bsq};
         spmm_rows(k, pbuf.data(), Lsq, 0, S, (rb - from) * P, ssq, part, walk);
       }

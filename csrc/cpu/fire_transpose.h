@@ -99,5 +99,51 @@ inline void transpose_2d(const float* src, int64_t ss, int64_t np, int64_t nc, f
   }
 }
 
+// transpose_2d for the channels with used[c] != 0 only (the other channels' rows of dst are not
+// written): a group of 16 channels with at most kGatherMaxUsed used ones is gathered channel by
+// channel (one 16-lane gather per channel and 16 pixels), a fuller one transposed whole. For a
+// block-pruned squeeze at 10 % a third of the input channels are used; alone (1 thread, 128
+// channels x 560 pixels into a buffer in L2): 44 used channels gathered 4.6 us, all transposed
+// 8.5 us; break-even near 100 of 128. The offsets 15 * ss must fit 32 bits.
+constexpr int kGatherMaxUsed = 8;
+
+inline void transpose_2d_used(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
+                              int64_t ds, const uint8_t* used) {
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(ss)));
+  // per group of 16 channels: 0 = skip, 1 = gather its used channels, 2 = transpose it whole
+  uint8_t mode[64];
+  int64_t g0 = 0;
+  while (g0 < nc) {
+    const int64_t g1 = std::min<int64_t>(nc, g0 + 64 * 16);  // 64 groups at a time
+    for (int64_t c0 = g0; c0 < g1; c0 += 16) {
+      int n = 0;
+      for (int64_t c = c0; c < std::min<int64_t>(c0 + 16, nc); ++c) n += used[c] != 0;
+      mode[(c0 - g0) / 16] = n == 0 ? 0 : n <= kGatherMaxUsed ? 1 : 2;
+    }
+    // Pixels outer, as transpose_2d: the source is read in order, 16 pixels at a time (channels
+    // outer made every gather miss: 0.55-0.78x on block-pruned squeezes at 10 %).
+    for (int64_t p0 = 0; p0 < np; p0 += 16) {
+      const int rows = (int)std::min<int64_t>(16, np - p0);
+      const __mmask16 m = rows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1u);
+      for (int64_t c0 = g0; c0 < g1; c0 += 16) {
+        const int md = mode[(c0 - g0) / 16];
+        const int cols = (int)std::min<int64_t>(16, nc - c0);
+        if (md == 2) {
+          transpose_tile16(src + p0 * ss + c0, ss, rows, cols, dst + c0 * ds + p0, ds);
+        } else if (md == 1) {
+          for (int c = 0; c < cols; ++c)
+            if (used[c0 + c])
+              _mm512_mask_storeu_ps(dst + (c0 + c) * ds + p0, m,
+                                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx,
+                                                             src + p0 * ss + c0 + c, 4));
+        }
+      }
+    }
+    g0 = g1;
+  }
+}
+
 }  // namespace sqz
 #endif
