@@ -164,12 +164,13 @@ def test_conv2d_noncontiguous_and_batch0():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_conv2d_squeeze_reads_x_in_place(threads, isa):
     """NCHW 1x1 convs with O <= C, few vector loads per input channel and maps of >= 256 pixels
-    read x in place: a band is one flat run per channel, rounded up to 16 pixels; the band whose
-    rounded run would pass the end of x's storage is packed (the last band of a contiguous x),
-    views of a larger tensor (rows or channels cut from it, every second channel) read in place to
-    their last band (also an expanded x: channel stride 0), and in batch 2 a run may read into the
-    next image. Unstructured and block-4 layers (a row quad loads each input vector once for its
-    four rows); every ISA's kernels, and float64."""
+    read x in place: a band is one flat run per channel, rounded up to 16 pixels; a band whose
+    rounded run would pass the end of x's storage is packed (the last band of a contiguous x whose
+    H * W is not a multiple of 16), views of a larger tensor (rows or channels cut from it, every
+    second channel) read in place to their last band (also an expanded x: channel stride 0), and
+    in batch 2 a run may read into the next image. Unstructured and block-4 layers (a row quad
+    loads each input vector once for its four rows); every ISA's kernels, and float64. (That the
+    path is taken: channel offsets H * W instead of x's channel stride fail the strided views.)"""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -209,24 +210,28 @@ def _layer_from_mask(mask, bits=6, seed=0):
 _USED = [1, 5, 14] + list(range(16, 28)) + [48, 49, 51, 53, 55, 58, 60, 63] + [64, 66, 67, 69, 71]
 
 
-def _mask_reaching(O, C, taps, used, rng):
+def _mask_reaching(O, C, taps, used, rng, quads=False):
     """[O, C * taps] pattern in which every channel of `used` is reached by one or two rows (at a
-    random tap) and no other channel is: few entries per channel, as a block-pruned layer at 10 %."""
-    mask = np.zeros((O, C * taps), dtype=bool)
+    random tap) and no other channel is: few entries per channel, as a block-pruned layer at 10 %.
+    quads: rows 4g..4g+3 share one pattern (O a multiple of 4)."""
+    R = O // 4 if quads else O
+    mask = np.zeros((R, C * taps), dtype=bool)
     for c in used:
-        for o in rng.choice(O, size=int(rng.integers(1, 3)), replace=False):
+        for o in rng.choice(R, size=int(rng.integers(1, 3)), replace=False):
             mask[o, c * taps + int(rng.integers(0, taps))] = True
-    return mask
+    return np.repeat(mask, 4, axis=0) if quads else mask
 
 
+@pytest.mark.parametrize("quads", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_channels_last_packs_only_used_channels(threads):
+def test_channels_last_packs_only_used_channels(threads, quads, isa):
     """A channels_last layer whose rows reach few input channels packs only those: groups of 16
     channels with <= 8 used ones by 16-lane gathers, fuller groups by transposes, empty groups not
     at all. The unused channels of x hold NaN, so a gather of a wrong channel (or a plane the rows
     read but nobody wrote) shows in the output. 1x1 convs (flat bands), a 3x3 / stride-2 conv
     (three column copies, two row phases), and the Fire's squeeze; maps of >= 256 pixels whose
-    bands are not whole vectors; 1, 2 and 3 threads (bands split mid-map)."""
+    bands are not whole vectors; 1, 2 and 3 threads (bands split mid-map); rows in shared quads
+    (the channels are taken from a quad's first row); every ISA (only AVX-512 packs selectively)."""
     rng = np.random.default_rng(threads)
     C, N, H, W = 72, 2, 17, 19
     unused = [c for c in range(C) if c not in _USED]
@@ -238,12 +243,12 @@ def test_channels_last_packs_only_used_channels(threads):
     try:
         torch.set_num_threads(threads)
         for k, s, p in ((1, 1, 0), (3, 2, 1)):
-            L = _layer_from_mask(_mask_reaching(8, C, k * k, _USED, rng), seed=k)
+            L = _layer_from_mask(_mask_reaching(8, C, k * k, _USED, rng, quads), seed=k)
             for relu in (True, False):
                 _poison((N, 8, H, W), torch.float32)
                 y = co.codebook_conv2d(x, *args(L), k, s, p, relu)
                 _close(y, _conv_ref(xz, L, C, (k, k), s, p, relu))
-        layers = [_layer_from_mask(_mask_reaching(8, C, 1, _USED, rng), seed=1),
+        layers = [_layer_from_mask(_mask_reaching(8, C, 1, _USED, rng, quads), seed=1),
                   make_layer(5, 8, 0.5, 6, seed=2), make_layer(6, 9 * 8, 0.5, 6, seed=3)]
         y = co.codebook_fused_fire(x, *args(layers[0]), *args(layers[1]), *args(layers[2]))
         _close(y, _fire_ref(xz, layers))

@@ -160,7 +160,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // (`readable` elements from x) is packed as before. The copy was ~37 % of a 55x55 squeeze's
   // samples (1 thread), but x's runs are not 64-byte aligned, so each vector load from them spans
   // two cache lines: it pays only while the row kernels load each input vector a few times
-  // (vector_loads) and the map is larger than 13x13. Same-process A/B, 2 threads, NCHW 1x1 convs
+  // (vector_loads) and the map has >= 256 pixels. Same-process A/B, 2 threads, NCHW 1x1 convs
   // of SqueezeNet 1.0 / 1.1: 55x55 / 54x54 squeezes 1.12-1.93x at 10 % (1.2-1.4x block-4 at
   // 33 %), 27x27 ones 1.05-1.26x at 10 %; at 3.5 loads per input vector and beyond they lost up to
   // 28 % (1.0's 27x27 squeezes at 33 %), 13x13 maps 1-8 %, the 1x1 expands (O > C) 0-3 %.
@@ -172,7 +172,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
     t_x[static_cast<size_t>(c)] = static_cast<int32_t>(c * xs[1]);
   Rows<T> L_x = L;
   L_x.table = t_x.data();
-  // channels_last x of more than 13x13: pack only the channels the rows reach (when few are; see
+  // channels_last x of >= 256 pixels: pack only the channels the rows reach (when few are; see
   // used_channels)
   std::vector<uint8_t> used_keep;
   const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k,

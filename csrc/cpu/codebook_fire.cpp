@@ -300,7 +300,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   std::vector<int32_t> t_sq_x(in_place ? C : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(t_sq_x.size()); ++c)
     t_sq_x[c] = static_cast<int32_t>(c * xs[1]);
-  // channels_last x of more than 13x13: pack only the input channels the squeeze reaches (when
+  // channels_last x of >= 256 pixels: pack only the input channels the squeeze reaches (when
   // few are; see used_channels)
   std::vector<uint8_t> used_keep;
   const uint8_t* used = used_channels(Lsq, S, C, 1, k,

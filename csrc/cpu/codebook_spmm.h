@@ -694,7 +694,8 @@ double vector_loads(const Rows<T>& L, int64_t O) {
 // third of its channels (1 - 0.9^4), an unstructured one 80 % (1 - 0.9^16). Same-process A/B, 2
 // threads, block-pruned SqueezeNet 1.1 at 10 %, channels_last: squeezes of 55x55 maps 1.13-1.17x,
 // 27x27 1.07-1.08x, the Fires 1.02-1.12x; 13x13 maps 0.96-0.99x, so callers pass channels_last
-// only for larger maps; layers at 33 % or unstructured are not affected (null).
+// only for maps of >= 256 pixels. SqueezeNet's layers at 33 % and its unstructured 10 % layers
+// load more than 1.5 times per channel and keep null; a layer of few rows at 10 % may not.
 template <typename T>
 const uint8_t* used_channels(const Rows<T>& L, int64_t O, int64_t C, int64_t taps,
                              const Kernel<T>& k, bool channels_last, std::vector<uint8_t>& keep) {
@@ -845,7 +846,8 @@ inline Layout make_layout(int64_t C, int64_t kh, int64_t kw, int64_t sh, int64_t
 // Uninitialised scratch whose data() is 64-byte aligned (std::vector only guarantees 16). Not
 // zero-filled: zeroing the packed-input and squeeze buffers of every call was 3.5-5 % of the
 // compressed SqueezeNet's time (same-process A/B, 2 threads); pack_band writes every element of
-// its band and the Fire zeroes the columns of its squeeze buffer that no squeeze row writes.
+// its band that a row can reach (with `used`, the planes of unreached channels may stay unwritten)
+// and the Fire zeroes the columns of its squeeze buffer that no squeeze row writes.
 template <typename T>
 class AlignedBuffer {
  public:
@@ -960,10 +962,11 @@ inline void copy_row_stride2(T* d, const T* s, int64_t n) {
 // Packs one band of an image into the layout: copy kx, phase py, channel ci, plane row i, column
 // j < out_cols holds the input at padded row prow0 + i*sh + py, padded column j*sw + kx (zero
 // outside the image). Columns [out_cols, pitch) are zeroed (the kernels compute them, the
-// epilogues drop them), so every element of the buffer is written.
+// epilogues drop them), so every element of the buffer is written - except with `used`.
 // x: one image with element strides (sC, sH, sW), C x H x W. used (optional, channels-last x on
-// the AVX-512 float path): only channels with used[ci] != 0 are packed (see used_channels); the
-// other planes are left unwritten, so the layer's rows must never reach them.
+// the AVX-512 float path, see used_channels): every channel with used[ci] != 0 is packed; the
+// interior of a channel with used[ci] == 0 may be left unwritten (transpose_2d_used), so the
+// layer's rows must never reach it.
 template <typename T>
 inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H,
                       int64_t W, int64_t prow0, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
