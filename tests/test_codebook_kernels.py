@@ -179,7 +179,8 @@ def test_conv2d_squeeze_reads_x_in_place(threads, isa):
             L = make_layer(O, C, 0.15, 6, seed=C, quads=quads)
             big = torch.randn(2, C + 3, H + 3, W)
             for x in (torch.randn(2, C, H, W), big[:, 1:1 + C, 1:1 + H], big[:, :C, 2:2 + H],
-                      torch.randn(1, 2 * C, H, W)[:, ::2], torch.randn(1, 1, H, W).expand(2, C, H, W)):
+                      torch.randn(1, 2 * C, H, W)[:, ::2],
+                      torch.randn(1, 1, H, W).expand(2, C, H, W)):
                 for relu in (True, False):
                     _poison((x.shape[0], O, H, W), torch.float32)
                     y = co.codebook_conv2d(x, *args(L), 1, 1, 0, relu)
