@@ -258,20 +258,24 @@ def test_channels_last_packs_only_used_channels(threads, quads, isa):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_conv2d_channels_last_squeeze_of_one_tile_map(threads):
-    """A squeeze-like layer (O <= C) on a map of one pixel tile over channels_last x runs in bands
-    of rows, not split by output channels (so no thread transposes the whole input); a layer with
-    O > C on the same map is still split by channels. Unstructured and block-4, batch 1 and 2."""
+def test_conv2d_squeeze_of_one_tile_map(threads):
+    """A squeeze-like layer (O <= C) on a map of one pixel tile runs in bands of rows, not split by
+    output channels (so no thread packs or transposes the whole input); a layer with O > C on the
+    same map is still split by channels. NCHW and channels_last, unstructured and block-4, batch
+    1 and 2."""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for C, O, quads in ((48, 32, False), (64, 48, True), (32, 64, False)):
             L = make_layer(O, C, 0.3, 6, seed=O, quads=quads)
-            for N in (1, 2):
-                x = torch.randn(N, C, 13, 13).contiguous(memory_format=torch.channels_last)
+            for N, cl in itertools.product((1, 2), (False, True)):
+                x = torch.randn(N, C, 13, 13)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 _poison((N, O, 13, 13), torch.float32)
                 y = co.codebook_conv2d(x, *args(L), 1, 1, 0, True)
-                assert y.is_contiguous(memory_format=torch.channels_last)
+                assert y.is_contiguous(memory_format=torch.channels_last if cl else
+                                       torch.contiguous_format)
                 _close(y, _conv_ref(x, L, C, (1, 1), 1, 0, True))
     finally:
         torch.set_num_threads(n)
