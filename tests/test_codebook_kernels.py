@@ -260,9 +260,9 @@ def test_channels_last_packs_only_used_channels(threads, quads, isa):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_conv2d_squeeze_of_one_tile_map(threads):
     """A squeeze-like layer (O <= C) on a map of one pixel tile runs in bands of rows, not split by
-    output channels (so no thread packs or transposes the whole input); a layer with O > C on the
-    same map is still split by channels. NCHW and channels_last, unstructured and block-4, batch
-    1 and 2."""
+    output channels (so no thread packs or transposes the whole input), and so does every layer
+    over a channels_last x; an NCHW layer with O > C on the same map is still split by channels.
+    NCHW and channels_last, unstructured and block-4, batch 1 and 2."""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -296,10 +296,11 @@ def test_conv2d_large_batch_threads():
 
 @pytest.mark.parametrize("quads", [False, True])
 def test_conv2d_classifier_shaped_threads(quads):
-    # 512 channels on a 13 x 13 map (SqueezeNet's classifier): the packed map is over the band
-    # budget, so rows kernels run it as one band split by output channels (no quads) or as two
-    # bands (quads); batch 3 and 1-3 threads change the split again. Conv and conv + mean.
-    C, O = 512, 64
+    # 512 channels on a 13 x 13 map, more rows than channels (SqueezeNet's classifier): the packed
+    # map is over the band budget, so NCHW runs it as one band split by output channels (no quads)
+    # or as two bands (quads), channels_last always in bands; batch 3 and 1-3 threads change the
+    # split again. Conv and conv + mean.
+    C, O = 512, 516
     L = make_layer(O, C, 0.33, 6, seed=5, quads=quads)
     n = torch.get_num_threads()
     try:

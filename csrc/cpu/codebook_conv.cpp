@@ -108,14 +108,17 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // threads; split output channels only when there are still too few.
   const int64_t row_bytes = planes * C * row_pitch * static_cast<int64_t>(sizeof(T));
   // A map that fits one pixel tile is split by output channels, not bands: bands would only
-  // shorten the tiles (fewer vectors per stored weight). Except a squeeze-like layer (O <= C):
-  // split by channels, every thread packs the whole input - for a channels_last x transposes it,
-  // the bulk of such a layer; in bands, each its part. Same-process A/B, 2 threads, SqueezeNet
-  // 1.0 / 1.1's 13x13 squeezes at 10-100 %, unstructured and block-4: channels_last 1.08-1.32x,
-  // NCHW 1.02-1.15x (those with row quads were already in bands, see whole_map: 0.97-1.01x);
-  // every other 1x1 / 3x3 conv of both nets in channels_last 0.96-1.05x (unchanged code path).
-  const bool squeeze_like = C > 4 && g.O <= C;
-  const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads && !squeeze_like;
+  // shorten the tiles (fewer vectors per stored weight). Except where every thread would then pack
+  // the whole input: over a channels_last x (each thread transposing it, and the 3 column copies
+  // of a 3x3), and for a squeeze-like layer (O <= C), whose input is the bulk of its work. Bands
+  // split that. Same-process A/B, 2 threads, SqueezeNet 1.0 / 1.1's 13x13 layers at 10-100 %,
+  // unstructured and block-4 (those with row quads were already in bands, see whole_map:
+  // 0.97-1.01x): channels_last squeezes 1.08-1.32x, 1x1 expands 0.98-1.28x (mostly 1.02-1.09x),
+  // 3x3 expands 1.00-1.16x, the classifier 1.06-1.18x; NCHW squeezes 1.02-1.15x. (NCHW 1x1
+  // expands in bands: 0.63-0.94x.)
+  const bool cl_input = xs[1] == 1 && xs[3] != 1 && C > 4;
+  const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads && !cl_input &&
+                        !(C > 4 && g.O <= C);
   // Such a flat map stays one band even when its packed input exceeds the budget (up to twice
   // it), unless the layer has row quads. SqueezeNet's classifier (512 channels x 13 x 13) ran as
   // two bands of 6 / 5 vectors; as one 11-vector tile split by output channels, the row kernel
