@@ -281,6 +281,24 @@ def test_conv2d_squeeze_of_one_tile_map(threads):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv2d_channels_last_squeeze_l1_blocks(threads):
+    """A squeeze-like layer over channels_last x with >= 16 rows of >= 32 entries walks L1-sized
+    K-blocks (several per row here: 192 channels, ~58 entries per row), as the Fire's layers do;
+    odd map sizes, batch 2, 20 rows (no whole quads at the end)."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        L = make_layer(20, 192, 0.3, 6, seed=3)
+        for H, W in ((23, 23), (13, 13), (9, 40)):
+            x = torch.randn(2, 192, H, W).contiguous(memory_format=torch.channels_last)
+            _poison((2, 20, H, W), torch.float32)
+            _close(co.codebook_conv2d(x, *args(L), 1, 1, 0, True),
+                   _conv_ref(x, L, 192, (1, 1), 1, 0, True))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_conv2d_large_batch_threads():
     C, O = 16, 32
     L = make_layer(O, C * 9, 0.33, 6)
