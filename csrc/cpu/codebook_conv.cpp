@@ -183,17 +183,12 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // 28 % (1.0's 27x27 squeezes at 33 %), 13x13 maps 1-8 %, the 1x1 expands (O > C) 0-3 %.
   const bool in_place = flat && xs[3] == 1 && g.O <= C && g.H * g.W >= 256 &&
                         vector_loads(L, g.O) <= 3.5 * static_cast<double>(C) &&
-                        (C - 1) * xs[1] + g.H * g.W + kVec < std::numeric_limits<int32_t>::max();
-  std::vector<int32_t> t_x(in_place ? static_cast<size_t>(C) : 0);
-  for (int64_t c = 0; c < static_cast<int64_t>(t_x.size()); ++c)
-    t_x[static_cast<size_t>(c)] = static_cast<int32_t>(c * xs[1]);
-  Rows<T> L_x = L;
-  L_x.table = t_x.data();
-  // channels_last x of >= 256 pixels: pack only the channels the rows reach (when few are; see
-  // used_channels)
+                        channel_offsets_fit(C, xs[1], g.H * g.W);
+  std::vector<int32_t> t_x;
+  const Rows<T> L_x = channel_offset_rows(L, C, xs[1], in_place, t_x);
+  // channels_last x: pack only the channels the rows reach (when few are; see used_channels)
   std::vector<uint8_t> used_keep;
-  const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k,
-                                      xs[1] == 1 && xs[3] != 1 && g.H * g.W >= 256, used_keep);
+  const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k, cl_input, g.H * g.W, used_keep);
   const int64_t tasks = g.N * nb * ob;
   std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
@@ -225,7 +220,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
       if (flat) {
         const int64_t npix = rows * g.W, x0 = n * xs[0] + r0 * xs[2];
         const Epilogue<T> ep{on, os[1], 0, os[3], pitch, npix, bias, relu};
-        if (in_place && x0 + (C - 1) * xs[1] + round_up(npix, kVec) <= readable) {
+        if (in_place && runs_readable(x0, C, xs[1], npix, readable)) {
           emit(x + x0, L_x, ep, round_up(npix, kVec), n, band, o0, o1);
           continue;
         }
@@ -263,12 +258,9 @@ void conv_forward(const at::Tensor& x, const int64_t* xs, const ConvGeom& g, con
   const at::Tensor b = s.bias.has_value() ? s.bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "codebook_conv2d", [&] {
     scalar_t* y = out.data_ptr<scalar_t>();
-    // elements of x's storage readable from x's first element (the in-place flat path's bound)
-    const int64_t readable =
-        static_cast<int64_t>(x.storage().nbytes() / sizeof(scalar_t)) - x.storage_offset();
     conv_forward_t<scalar_t>(x.data_ptr<scalar_t>(), xs, g, s, cb.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr, relu,
-                             mean ? nullptr : y, os, op, readable, mean ? y : nullptr);
+                             mean ? nullptr : y, os, op, readable_elems(x), mean ? y : nullptr);
   });
 }
 

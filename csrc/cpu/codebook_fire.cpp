@@ -291,22 +291,15 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // 27x27 Fires unstructured 0.99-1.05x, block-4 1.02-1.16x; the whole SqueezeNet 1.1 as a
   // KernelChain 1.01x / 1.04x. Maps of 8 <= W < 16 (13x13) take three row pieces per vector:
   // 13x13 Fires 1.00-1.09x, the whole network 1.01-1.02x more (same-process A/B).
-  const bool in_place =
-      std::is_same<T, float>::value && k.wide && k.direct && xs[3] == 1 && xs[2] == W && W >= 8 &&
-      (C - 1) * xs[1] + H * W + kVec < std::numeric_limits<int32_t>::max();
-  const int64_t readable = in_place ? static_cast<int64_t>(x.storage().nbytes() / sizeof(T)) -
-                                          x.storage_offset()
-                                    : 0;
-  std::vector<int32_t> t_sq_x(in_place ? C : 0);
-  for (int64_t c = 0; c < static_cast<int64_t>(t_sq_x.size()); ++c)
-    t_sq_x[c] = static_cast<int32_t>(c * xs[1]);
-  // channels_last x of >= 256 pixels: pack only the input channels the squeeze reaches (when
-  // few are; see used_channels)
+  const bool in_place = std::is_same<T, float>::value && k.wide && k.direct && xs[3] == 1 &&
+                        xs[2] == W && W >= 8 && channel_offsets_fit(C, xs[1], H * W);
+  const int64_t readable = in_place ? readable_elems(x) : 0;
+  std::vector<int32_t> t_sq_x;
+  const Rows<T> Lsq_x = channel_offset_rows(Lsq, C, xs[1], in_place, t_sq_x);
+  // channels_last x: pack only the input channels the squeeze reaches (when few are; see
+  // used_channels)
   std::vector<uint8_t> used_keep;
-  const uint8_t* used = used_channels(Lsq, S, C, 1, k,
-                                            xs[1] == 1 && xs[3] != 1 && H * W >= 256, used_keep);
-  Rows<T> Lsq_x = Lsq;  // the squeeze with x's channel offsets (same streams, blocks, quads)
-  Lsq_x.table = t_sq_x.data();
+  const uint8_t* used = used_channels(Lsq, S, C, 1, k, xs[1] == 1 && xs[3] != 1, H * W, used_keep);
 
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> sbuf(ls.elems), pbuf(lx.elems);
@@ -363,7 +356,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
           std::fill(pl + lb * P, pl + (rows + 2) * P, T(0));
         }
       const int64_t npix = (rb - from) * W, x0 = n * xs[0] + from * W;
-      if (from < rb && in_place && x0 + (C - 1) * xs[1] + round_up(npix, kVec) <= readable) {
+      if (from < rb && in_place && runs_readable(x0, C, xs[1], npix, readable)) {
         const SqueezeSinkInPlace<T> ssq{sbuf.data(), from - base, P, W, npix, ls.plane,
                                         ls.copy_stride, bsq};
         spmm_rows(k, xp + x0, Lsq_x, 0, S, round_up(npix, kVec), ssq, part, walk);

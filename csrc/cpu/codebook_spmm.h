@@ -203,6 +203,12 @@ inline bool is_quad(const uint8_t* quads, int64_t o, int64_t o1) {
   return quads && (o & 3) == 0 && o + 4 <= o1 && quads[o >> 2];
 }
 
+// True if row o (of O) is one of rows 2-4 of a shared quad: it walks its quad's first row's
+// positions, so passes over the positions of a layer skip it.
+inline bool quad_follower(const uint8_t* quads, int64_t o, int64_t O) {
+  return (o & 3) != 0 && is_quad(quads, o & ~int64_t(3), O);
+}
+
 #if defined(__AVX512F__)
 // Final tile -> its destinations (see TileDst). max(0, NaN) keeps the NaN, like torch.relu.
 // Vector v of the tile is vector v0 + v of the TileDst (a quad chunk starts at v0 > 0).
@@ -680,10 +686,9 @@ inline void find_quads(Rows<T>& L, int64_t O, const Kernel<T>& k, std::vector<ui
 template <typename T>
 double vector_loads(const Rows<T>& L, int64_t O) {
   double n = 0;
-  for (int64_t o = 0; o < O; ++o) {
-    const bool quad = L.quads != nullptr && o / 4 < O / 4 && L.quads[o / 4];
-    if (!quad || o % 4 == 0) n += static_cast<double>(L.row_start[o + 1] - L.row_start[o]);
-  }
+  for (int64_t o = 0; o < O; ++o)
+    if (!quad_follower(L.quads, o, O))
+      n += static_cast<double>(L.row_start[o + 1] - L.row_start[o]);
   return n;
 }
 
@@ -693,18 +698,20 @@ double vector_loads(const Rows<T>& L, int64_t O) {
 // nearly every channel is used, and for other ISAs. A block-pruned squeeze at 10 % uses about a
 // third of its channels (1 - 0.9^4), an unstructured one 80 % (1 - 0.9^16). Same-process A/B, 2
 // threads, block-pruned SqueezeNet 1.1 at 10 %, channels_last: squeezes of 55x55 maps 1.13-1.17x,
-// 27x27 1.07-1.08x, the Fires 1.02-1.12x; 13x13 maps 0.96-0.99x, so callers pass channels_last
-// only for maps of >= 256 pixels. SqueezeNet's layers at 33 % and its unstructured 10 % layers
-// load more than 1.5 times per channel and keep null; a layer of few rows at 10 % may not.
+// 27x27 1.07-1.08x, the Fires 1.02-1.12x; 13x13 maps 0.96-0.99x, so also null for maps
+// (`pixels` = H * W of the input) of fewer than 256 pixels. SqueezeNet's layers at 33 % and its
+// unstructured 10 % layers load more than 1.5 times per channel and keep null; a layer of few
+// rows at 10 % may not.
 template <typename T>
 const uint8_t* used_channels(const Rows<T>& L, int64_t O, int64_t C, int64_t taps,
-                             const Kernel<T>& k, bool channels_last, std::vector<uint8_t>& keep) {
-  if (!std::is_same<T, float>::value || !k.wide || !channels_last || C <= 4 ||
+                             const Kernel<T>& k, bool channels_last, int64_t pixels,
+                             std::vector<uint8_t>& keep) {
+  if (!std::is_same<T, float>::value || !k.wide || !channels_last || pixels < 256 || C <= 4 ||
       vector_loads(L, O) > 1.5 * static_cast<double>(C))
     return nullptr;
   keep.assign(static_cast<size_t>(C), 0);
   for (int64_t o = 0; o < O; ++o) {
-    if (L.quads != nullptr && o / 4 < O / 4 && L.quads[o / 4] && o % 4 != 0) continue;  // same
+    if (quad_follower(L.quads, o, O)) continue;
     int64_t cursor = -1;
     for (int64_t e = L.row_start[o]; e < L.row_start[o + 1]; ++e) {
       cursor = advance(cursor, L.gaps[e]);
@@ -713,6 +720,20 @@ const uint8_t* used_channels(const Rows<T>& L, int64_t O, int64_t C, int64_t tap
     }
   }
   return keep.data();
+}
+
+// For reading x in place (see readable_elems): L with positions c -> c * cs (x's channel
+// offsets), same streams, blocks and quads. `table` owns the offsets; when !in_place it stays
+// empty and the copy keeps L's table (unused).
+template <typename T>
+Rows<T> channel_offset_rows(const Rows<T>& L, int64_t C, int64_t cs, bool in_place,
+                            std::vector<int32_t>& table) {
+  table.assign(in_place ? static_cast<size_t>(C) : 0, 0);
+  for (int64_t c = 0; c < static_cast<int64_t>(table.size()); ++c)
+    table[static_cast<size_t>(c)] = static_cast<int32_t>(c * cs);
+  Rows<T> r = L;
+  if (in_place) r.table = table.data();
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -798,6 +819,28 @@ inline void store_tile(const T* acc, int64_t q0, int len, int64_t o, const Epilo
 constexpr int64_t kVec = 16;  // elements
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Reading a 1x1 layer's input x in place (codebook_conv2d's flat squeezes, the Fire's squeeze):
+// a band is one run of npix pixels per channel, channel c at c * cs from the run's start, and the
+// kernels read each run rounded up to whole vectors.
+// Elements of x's storage readable from x's first element.
+inline int64_t readable_elems(const at::Tensor& x) {
+  return static_cast<int64_t>(x.storage().nbytes()) / static_cast<int64_t>(x.element_size()) -
+         x.storage_offset();
+}
+
+// Whether C channels cs apart, plus the pixels of a map of `pixels` (and a vector's rounding),
+// stay within the int32 address offsets of the tables.
+inline bool channel_offsets_fit(int64_t C, int64_t cs, int64_t pixels) {
+  return (C - 1) * cs + pixels + kVec < std::numeric_limits<int32_t>::max();
+}
+
+// Whether the rounded-up runs of a band at x + x0 stay inside the `readable` elements; a band
+// that would pass the end of x's storage is packed instead.
+inline bool runs_readable(int64_t x0, int64_t C, int64_t cs, int64_t npix, int64_t readable) {
+  return x0 + (C - 1) * cs + round_up(npix, kVec) <= readable;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Layout {
@@ -1013,9 +1056,10 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
             // An RGB-like input by gathers, one per channel and 16 pixels (a 16x16 transpose of 3
             // channels was a quarter of conv1's samples): same-process A/B, 2 threads, conv1 of
             // SqueezeNet 1.1 / 1.0 in channels_last 1.17-1.24x / 1.12-1.26x. Else 16x16 transposes.
-            if (C <= 4 && sw * sW < (int64_t(1) << 26)) {
+            const bool gathers = sw * sW < (int64_t(1) << 26);  // offsets of 16 pixels in 32 bits
+            if (C <= 4 && gathers) {
               gather_columns(srow + c0 * sW, sw * sW, jb - ja, C, phase + i * l.pitch + ja, l.plane);
-            } else if (used && sw * sW < (int64_t(1) << 26)) {
+            } else if (used && gathers) {
               transpose_2d_used(srow + c0 * sW, sw * sW, jb - ja, C, phase + i * l.pitch + ja,
                                 l.plane, used);
             } else {
@@ -1104,9 +1148,10 @@ inline int64_t tile_step(const Kernel<T>& k, int64_t n) {
 // Two budgets. `l1` (rows without quads on the AVX-512 float kernels, see l1_kblocks): a layer of
 // >= l1_min_rows rows (and >= l1_min_row_entries entries per row) whose slab exceeds L1 (48 KB a
 // core here) gets L1-sized blocks (40 KB, >= 16 entries per row), walked by rows_kb_avx512. The
-// convs take >= 64 rows; the Fire's three layers >= 16 rows of >= 32 entries (its squeezes have
-// 16-64 rows: same-process A/B against >= 64 rows, 2 threads, unstructured Fires 0.97-1.12x, mean
-// ~1.04x; as standalone convs, 16-32-row squeezes of 42 entries per row lost 4-8 %). Those row kernels load one input vector per
+// convs take >= 64 rows, their channels_last squeezes and the Fire's three layers >= 16 rows of
+// >= 32 entries (the Fire's squeezes have 16-64 rows: same-process A/B against >= 64 rows, 2
+// threads, unstructured Fires 0.97-1.12x, mean ~1.04x; as standalone NCHW convs, 16-32-row
+// squeezes of 42 entries per row lost 4-8 %). Those row kernels load one input vector per
 // multiply-add, and a 13x13 3x3 layer with 64 input channels (a 184 KB slab) took twice as long
 // per multiply-add as one whose slab fitted L1 (1 thread). Same-process A/B, 2 threads, 33 %
 // unstructured, SqueezeNet 1.1, against the 512 KB budget: 13x13 expand3x3 1.08-1.15x, classifier

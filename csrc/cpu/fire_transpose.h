@@ -61,14 +61,19 @@ inline void transpose_tile16(const float* src, int64_t ss, int rows, int cols, f
   }
 }
 
+// Lane l = l * ss: the 32-bit element offsets of 16 pixels ss apart, for 16-lane gathers (15 * ss
+// must fit 32 bits).
+inline __m512i pixel_offsets(int64_t ss) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int>(ss)));
+}
+
 // dst[c * ds + p] = src[p * ss + c] for p < np, c < nc, by one 16-lane gather per channel and 16
 // pixels: for inputs of a few channels (RGB), where a 16x16 transpose would spend 64 shuffles on
 // 16 x nc values. The offsets p * ss must fit 32 bits (callers: ss is a small pixel stride).
 inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                            int64_t ds) {
-  const __m512i idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(ss)));
+  const __m512i idx = pixel_offsets(ss);
   for (int64_t p0 = 0; p0 < np; p0 += 16) {
     const int64_t left = np - p0;
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
@@ -110,9 +115,7 @@ constexpr int kGatherMaxUsed = 8;
 
 inline void transpose_2d_used(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                               int64_t ds, const uint8_t* used) {
-  const __m512i idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(ss)));
+  const __m512i idx = pixel_offsets(ss);
   // per group of 16 channels: 0 = skip, 1 = gather its used channels, 2 = transpose it whole
   uint8_t mode[64];
   int64_t g0 = 0;
