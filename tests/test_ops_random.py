@@ -1,4 +1,5 @@
-"""Randomized differential tests of the sparse-codebook ops (issue 5) against the float64 reference.
+"""Randomized differential tests of the CPU ops (the sparse-codebook ops of issue 5, the dense
+FusedFire and max-pool) against their float64 references.
 
 The fixed-case tests pin every path one at a time; these draw whole configurations at random, so
 paths meet in combinations nobody listed: geometry (kernel, stride, padding, odd and one-pixel maps,
@@ -8,7 +9,7 @@ larger tensor, every second channel, an expanded x), batch, threads, instruction
 dtype, and the fused pooling epilogues. Each case's output memory is NaN-poisoned first.
 
 Every run draws fresh cases; a failure names its seed. Reproduce with
-    SQZ_FUZZ_SEED=<seed> python -m pytest tests/test_codebook_random.py
+    SQZ_FUZZ_SEED=<seed> python -m pytest tests/test_ops_random.py
 and SQZ_FUZZ_CASES=<n> draws more (or fewer) cases per test (default 300, ~10 s; case i is the
 same for any n > i). Mutations these tests caught in most runs of 300 cases (as did the fixed-case
 tests): a channels_last gather reading the next channel in a band's last partial pixel group; a
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 import sqz_kernels  # noqa: F401
 from sqz_kernels import codebook_ops as co
+from sqz_kernels import ops as sk_ops
 
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
@@ -318,3 +320,59 @@ def test_random_grads(restore):
             if got is not None:
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9,
                                            msg=lambda m: f"{what}: {name} grad: {m}")
+
+
+def test_random_dense_fires(restore):
+    """The dense fused_fire (FusedFire's CPU kernel) on random configurations; its weights may be
+    channels_last too."""
+    rng = np.random.default_rng(_SEED + 4)
+    for case in range(_CASES // 2):
+        setup, dtype = _setup(rng)
+        C = int(rng.choice([1, 3, 16, 40, 64, 96, 128, 200]))
+        S, E1, E3 = (int(rng.choice(v)) for v in ([1, 3, 8, 16, 48], [1, 5, 16, 64, 70],
+                                                    [1, 6, 16, 64, 70]))
+        H, W = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        N = int(rng.choice([1, 1, 2, 3]))
+        x, kind = _input(rng, N, C, H, W, dtype)
+        ws = [torch.randn(S, C, 1, 1, dtype=dtype) * C ** -0.5, torch.randn(S, dtype=dtype),
+              torch.randn(E1, S, 1, 1, dtype=dtype) * S ** -0.5, torch.randn(E1, dtype=dtype),
+              torch.randn(E3, S, 3, 3, dtype=dtype) * (9 * S) ** -0.5, torch.randn(E3, dtype=dtype)]
+        if rng.random() < 0.3:
+            ws = [w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for w in ws]
+        if rng.random() < 0.3:
+            ws[1] = ws[3] = ws[5] = None
+        what = (f"seed {_SEED} case {case}: dense fire C {C} S {S} E1 {E1} E3 {E3} "
+                f"{N}x{H}x{W} {kind}, bias {ws[1] is not None}, {setup}, {dtype}")
+        d = [None if w is None else w.double() for w in ws]
+        ref = sk_ops.fire_reference(x.double(), *d)
+        absref = sk_ops.fire_reference(x.double().abs(), *[None if w is None else w.abs() for w in d])
+        _poison(tuple(ref.shape), dtype)
+        y = sk_ops.fused_fire(x, *ws)
+        assert y.shape == ref.shape, what
+        _check(y, ref, absref, what, rel=4e-5)
+
+
+def test_random_max_pools(restore):
+    """sqz's max_pool2d against F.max_pool2d (exact: a max rounds nothing) on random windows,
+    strides, paddings, ceil modes and inputs (with -inf and NaN among the values)."""
+    rng = np.random.default_rng(_SEED + 5)
+    for case in range(_CASES):
+        setup, dtype = _setup(rng)
+        N, C = int(rng.choice([1, 2])), int(rng.choice([1, 3, 16, 17, 64]))
+        H, W = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        kh, kw = int(rng.integers(1, min(H, 5) + 1)), int(rng.integers(1, min(W, 5) + 1))
+        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+        ceil = bool(rng.random() < 0.5)
+        x, kind = _input(rng, N, C, H, W, dtype)
+        for value, p in ((float("-inf"), 0.2), (float("nan"), 0.1)):
+            if rng.random() < p:  # (a clone keeps a view's strides, an expanded x's become dense)
+                x = x.clone()
+                x[torch.rand(x.shape) < 0.15] = value
+        what = (f"seed {_SEED} case {case}: max_pool {N}x{C}x{H}x{W} {kind} k ({kh}, {kw}) "
+                f"s ({sh}, {sw}) p ({ph}, {pw}) ceil {ceil}, {setup}, {dtype}")
+        ref = F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil)
+        y = sk_ops.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), ceil)
+        assert y.shape == ref.shape, what
+        torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
