@@ -711,6 +711,37 @@ def test_bad_geometry_and_fire_names():
                            L["gaps"], L["row_counts"], None)
 
 
+def test_inputs_beyond_32_bit_offsets_are_refused():
+    """The kernels address a packed band with int32 offsets; a band of >= 2^31 elements (here 2^20
+    channels x one 2048-pixel row, as an expanded x that costs no memory) is a clear error in every
+    op, not an overflowed offset."""
+    C = 1 << 20
+    empty = torch.zeros(0, dtype=torch.uint8)
+
+    def layer(rows):  # rows without entries: validation passes, the geometry check decides
+        return torch.tensor([0.5]), empty, empty, torch.zeros(rows, dtype=torch.int32), None
+
+    def wide(rows):
+        return torch.zeros(1, 1, rows, 2048).expand(1, C, rows, 2048)
+
+    calls = {
+        "codebook_conv2d": lambda: co.codebook_conv2d(wide(1), *layer(4), 1, 1, 0, False),
+        "codebook_conv2d 3x3": lambda: co.codebook_conv2d(wide(1), *layer(4), 3, 1, 1, False),
+        "codebook_conv2d_max_pool": lambda: co.codebook_conv2d_max_pool(
+            wide(2), *layer(4), 1, 1, 0, True, 2, 2),
+        "codebook_conv2d_global_avg_pool": lambda: co.codebook_conv2d_global_avg_pool(
+            wide(1), *layer(4), 1, 1, 0, True),
+        "codebook_fused_fire": lambda: co.codebook_fused_fire(
+            wide(1), *layer(1), *layer(1), *layer(1)),
+        "codebook_fused_fire_max_pool": lambda: co.codebook_fused_fire_max_pool(
+            wide(3), *layer(1), *layer(1), *layer(1), 3, 2, False),
+        "codebook_linear": lambda: co.codebook_linear(torch.zeros(1, C).expand(2048, C), *layer(4)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name.split()[0]}: input too large for 32-bit"):
+            call()
+
+
 # ---------------------------------------------------------------------------------------------
 # no dense float weight during forward: peak memory bound on a layer whose dense weight is 256 MB
 # ---------------------------------------------------------------------------------------------
