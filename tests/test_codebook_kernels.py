@@ -151,6 +151,24 @@ def test_conv2d_channels_last_slices_of_few_channels(C):
             _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, (k, k), s, p, True))
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 4])
+def test_conv2d_dense_channels_last_rgb(C, isa):
+    """A dense channels_last input of 2-4 channels (pixel stride == C) is deinterleaved by permutes
+    (16 pixels = C whole vectors), and under a kernel of several columns each input row is moved
+    once and the column copies are cut from it: widths that leave 1 / 15 pixels in the last group
+    of 16 (the masked loads of the tail: NaN placed right after x's last pixel row must not show),
+    7x7 / 2 (conv1 of SqueezeNet 1.0), 3x3 / 2 and / 1, and 1x1; every ISA."""
+    for W in (17, 31, 224):
+        base = torch.randn(2 * 9 * W * C + 64)
+        base[2 * 9 * W * C:] = float("nan")  # beyond x: a read past its end would bring NaN in
+        x = base[:2 * 9 * W * C].view(2, 9, W, C).permute(0, 3, 1, 2)
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.stride(3) == C
+        for k, s, p in ((7, 2, 3), (3, 2, 0), (3, 1, 1), (1, 1, 0)):
+            L = make_layer(12, C * k * k, 0.4, 6, seed=C + k)
+            _poison((2, 12, 9, W), torch.float32)
+            _close(co.codebook_conv2d(x, *args(L), k, s, p, True), _conv_ref(x, L, C, (k, k), s, p, True))
+
+
 def test_conv2d_noncontiguous_and_batch0():
     C, O = 8, 12
     L = make_layer(O, C * 9, 0.33, 6)

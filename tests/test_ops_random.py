@@ -128,7 +128,7 @@ def _geometry(rng):
 
 
 def _channels(rng):
-    C = int(rng.choice([1, 3, 4, 5, 16, 17, 40, 64, 96, 130, 200, 512]))
+    C = int(rng.choice([1, 2, 3, 4, 5, 16, 17, 40, 64, 96, 130, 200, 512]))
     O = int(rng.choice([1, 4, 7, 16, 20, 33, 48, 64, 80]))
     return C, O
 

@@ -68,11 +68,67 @@ inline __m512i pixel_offsets(int64_t ss) {
                             _mm512_set1_epi32(static_cast<int>(ss)));
 }
 
+// gather_columns for pixels of exactly nc (2..4) channels each, densely packed (an RGB image in
+// channels_last): 16 pixels are nc whole vectors, and channel c of them is picked out by two
+// two-source permutes and a blend (lane p takes element p * nc + c; elements 0..31 come from
+// vectors 0-1, 32..63 from vectors 2-3) instead of a 16-load gather.
+// Permute indices of deinterleave_columns: for nc pixels' channels (2..4) and channel c, lane p
+// takes element e = p * nc + c: lo = e mod 32 (from vectors 0-1), hi = (e - 32) mod 32 (vectors
+// 2-3), and bit p of `upper` says which. Built once (a per-call build was most of a row's cost).
+struct DeinterleaveTables {
+  alignas(64) int32_t lo[3][4][16], hi[3][4][16];
+  uint16_t upper[3][4];
+  DeinterleaveTables() {
+    for (int nc = 2; nc <= 4; ++nc)
+      for (int c = 0; c < 4; ++c) {
+        uint32_t m = 0;
+        for (int p = 0; p < 16; ++p) {
+          const int e = p * nc + c;
+          lo[nc - 2][c][p] = e & 31;
+          hi[nc - 2][c][p] = (e - 32) & 31;
+          m |= static_cast<uint32_t>(e >= 32) << p;
+        }
+        upper[nc - 2][c] = static_cast<uint16_t>(m);
+      }
+  }
+};
+
+inline void deinterleave_columns(const float* src, int64_t np, int64_t nc, float* dst, int64_t ds) {
+  static const DeinterleaveTables t;
+  __m512i lo[4], hi[4];
+  __mmask16 upper[4];
+  for (int64_t c = 0; c < nc; ++c) {
+    lo[c] = _mm512_load_si512(t.lo[nc - 2][c]);
+    hi[c] = _mm512_load_si512(t.hi[nc - 2][c]);
+    upper[c] = static_cast<__mmask16>(t.upper[nc - 2][c]);
+  }
+  for (int64_t p0 = 0; p0 < np; p0 += 16) {
+    const int64_t left = std::min<int64_t>(16, np - p0);
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const float* s = src + p0 * nc;
+    __m512 v[4];
+    for (int64_t k = 0; k < 4; ++k) {  // floats [16 k, 16 k + 16) of the group, if it has them
+      const int64_t have = std::max<int64_t>(0, std::min<int64_t>(16, left * nc - 16 * k));
+      v[k] = have >= 16 ? _mm512_loadu_ps(s + 16 * k)
+                        : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << have) - 1u), s + 16 * k);
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m512 a = _mm512_permutex2var_ps(v[0], lo[c], v[1]);
+      const __m512 b = _mm512_permutex2var_ps(v[2], hi[c], v[3]);
+      _mm512_mask_storeu_ps(dst + c * ds + p0, m, _mm512_mask_blend_ps(upper[c], a, b));
+    }
+  }
+}
+
 // dst[c * ds + p] = src[p * ss + c] for p < np, c < nc, by one 16-lane gather per channel and 16
 // pixels: for inputs of a few channels (RGB), where a 16x16 transpose would spend 64 shuffles on
 // 16 x nc values. The offsets p * ss must fit 32 bits (callers: ss is a small pixel stride).
 inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                            int64_t ds) {
+  if (ss == nc && nc >= 2 && nc <= 4) {  // dense pixels: deinterleave (see below)
+    deinterleave_columns(src, np, nc, dst, ds);
+    return;
+  }
   const __m512i idx = pixel_offsets(ss);
   for (int64_t p0 = 0; p0 < np; p0 += 16) {
     const int64_t left = np - p0;
