@@ -1039,8 +1039,9 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
     zero_row(d, ja);
     zero_row(d + jb, l.pitch - jb);
   };
-  // Plane row d (of copy kx) from input row srow (column 0 of one channel, pixels sW apart; any
-  // pointer when !rin): columns [ja, jb) from input column c0 on with stride sw, zeros around.
+  // Plane row d of copy kx from input row srow (its column 0 of one channel, pixels sW_ apart;
+  // unused when !rin): columns [ja, jb) from input column cols[3 kx + 2] on, every sw-th, zeros
+  // around (all zeros for a padding row).
   auto copy_plane_row = [&](T* d, const T* srow, int64_t sW_, bool rin, int64_t kx) {
     const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1];
     const T* s = srow + cols[3 * kx + 2] * sW_;
@@ -1103,7 +1104,8 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
           if constexpr (std::is_same<T, float>::value) {
             // An RGB-like input by gathers, one per channel and 16 pixels (a 16x16 transpose of 3
             // channels was a quarter of conv1's samples): same-process A/B, 2 threads, conv1 of
-            // SqueezeNet 1.1 / 1.0 in channels_last 1.17-1.24x / 1.12-1.26x. Else 16x16 transposes.
+            // SqueezeNet 1.1 / 1.0 in channels_last 1.17-1.24x / 1.12-1.26x (round 11; kernels of
+            // several columns now take the row-once path above). Else 16x16 transposes.
             const bool gathers = sw * sW < (int64_t(1) << 26);  // offsets of 16 pixels in 32 bits
             if (C <= 4 && gathers) {
               gather_columns(srow + c0 * sW, sw * sW, jb - ja, C, phase + i * l.pitch + ja, l.plane);

@@ -68,10 +68,6 @@ inline __m512i pixel_offsets(int64_t ss) {
                             _mm512_set1_epi32(static_cast<int>(ss)));
 }
 
-// gather_columns for pixels of exactly nc (2..4) channels each, densely packed (an RGB image in
-// channels_last): 16 pixels are nc whole vectors, and channel c of them is picked out by two
-// two-source permutes and a blend (lane p takes element p * nc + c; elements 0..31 come from
-// vectors 0-1, 32..63 from vectors 2-3) instead of a 16-load gather.
 // Permute indices of deinterleave_columns: for nc pixels' channels (2..4) and channel c, lane p
 // takes element e = p * nc + c: lo = e mod 32 (from vectors 0-1), hi = (e - 32) mod 32 (vectors
 // 2-3), and bit p of `upper` says which. Built once (a per-call build was most of a row's cost).
@@ -93,6 +89,11 @@ struct DeinterleaveTables {
   }
 };
 
+// gather_columns for pixels of exactly nc (2..4) channels each, densely packed (an RGB image in
+// channels_last): 16 pixels are nc whole vectors, and channel c of them is picked out by two
+// two-source permutes and a blend (lane p takes element p * nc + c; elements 0..31 come from
+// vectors 0-1, 32..63 from vectors 2-3) instead of a 16-load gather. Reads only the np * nc floats
+// from src.
 inline void deinterleave_columns(const float* src, int64_t np, int64_t nc, float* dst, int64_t ds) {
   static const DeinterleaveTables t;
   __m512i lo[4], hi[4];
@@ -109,8 +110,9 @@ inline void deinterleave_columns(const float* src, int64_t np, int64_t nc, float
     __m512 v[4];
     for (int64_t k = 0; k < 4; ++k) {  // floats [16 k, 16 k + 16) of the group, if it has them
       const int64_t have = std::max<int64_t>(0, std::min<int64_t>(16, left * nc - 16 * k));
-      v[k] = have >= 16 ? _mm512_loadu_ps(s + 16 * k)
-                        : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << have) - 1u), s + 16 * k);
+      v[k] = have >= 16
+                 ? _mm512_loadu_ps(s + 16 * k)
+                 : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << have) - 1u), s + 16 * k);
     }
     for (int64_t c = 0; c < nc; ++c) {
       const __m512 a = _mm512_permutex2var_ps(v[0], lo[c], v[1]);
@@ -125,7 +127,7 @@ inline void deinterleave_columns(const float* src, int64_t np, int64_t nc, float
 // 16 x nc values. The offsets p * ss must fit 32 bits (callers: ss is a small pixel stride).
 inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                            int64_t ds) {
-  if (ss == nc && nc >= 2 && nc <= 4) {  // dense pixels: deinterleave (see below)
+  if (ss == nc && nc >= 2 && nc <= 4) {  // dense pixels (deinterleave_columns)
     deinterleave_columns(src, np, nc, dst, ds);
     return;
   }
