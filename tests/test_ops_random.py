@@ -29,17 +29,12 @@ from sqz_kernels import ops as sk_ops
 
 sys.path.insert(0, os.path.dirname(__file__))
 from codebook_helpers import args, make_layer  # noqa: E402
+from test_codebook_kernels import _conv_ref, _fire_ref, _poison  # noqa: E402
 
 _SEED = int(os.environ.get("SQZ_FUZZ_SEED", random.SystemRandom().randrange(2 ** 31)))
 _CASES = int(os.environ.get("SQZ_FUZZ_CASES", "300"))
 _ISAS = ["avx512", "avx2", "scalar"]
 _ISAS = _ISAS[_ISAS.index(torch.ops.sqz_kernels.cpu_isa()):]
-
-
-def _poison(shape, dtype):
-    # the allocator hands the freed NaN block to the op's output next: unwritten elements show
-    t = torch.full(shape, float("nan"), dtype=dtype)
-    del t
 
 
 def _check(y, ref, absref, what, rel=2e-5):
@@ -65,16 +60,11 @@ def _layer(rng, O, K, dtype):
     return L
 
 
-def _ref_conv(x, L, k, s, p, relu, magnitude=False):
-    """The float64 reference; magnitude: the same conv of |x|, |W| and |bias| (see _check)."""
-    O = L["row_counts"].shape[0]
-    w = L["dense"].reshape(O, x.shape[1], k[0], k[1])
-    b = L["bias"].double() if L["bias"] is not None else None
-    x = x.double()
-    if magnitude:
-        x, w, b = x.abs(), w.abs(), None if b is None else b.abs()
-    y = F.conv2d(x, w, b, s, p)
-    return F.relu(y) if relu else y
+def _magnitude(L):
+    """Layer L with |codebook|, |dense| and |bias|: the references on it and on |x| give _check's
+    bound (their ReLUs then pass everything)."""
+    return dict(L, codebook=L["codebook"].abs(), dense=L["dense"].abs(),
+                bias=None if L["bias"] is None else L["bias"].abs())
 
 
 def _input(rng, N, C, H, W, dtype):
@@ -146,8 +136,8 @@ def test_random_convs(restore):
         relu = bool(rng.random() < 0.7)
         what = (f"seed {_SEED} case {case}: conv C {C} O {O} k {k} s {s} p {p} {N}x{H}x{W} {kind}, "
                 f"{L['desc']}, relu {relu}, {setup}, {dtype}")
-        ref = _ref_conv(x, L, k, s, p, relu)
-        absref = _ref_conv(x, L, k, s, p, relu, magnitude=True)
+        ref = _conv_ref(x, L, C, k, s, p, relu)
+        absref = _conv_ref(x.abs(), _magnitude(L), C, k, s, p, relu)
         op = str(rng.choice(["conv", "conv", "pool", "mean"]))
         if op == "pool" and ref.shape[2] >= 2 and ref.shape[3] >= 2:
             pk, ps = int(rng.choice([2, 3])), int(rng.choice([1, 2]))
@@ -170,15 +160,6 @@ def test_random_convs(restore):
         _check(y, ref, absref, what)
 
 
-def _ref_fire(x, layers, magnitude=False):
-    """The float64 reference Fire; magnitude: on |x|, |codebook| and |bias| (see _check; its
-    ReLUs then pass everything)."""
-    f = (lambda t: t.double().abs()) if magnitude else (lambda t: t.double())
-    return co.codebook_fire_reference(
-        f(x), *[(f(l["codebook"]), l["codes"], l["gaps"], l["row_counts"],
-                 None if l["bias"] is None else f(l["bias"])) for l in layers])
-
-
 def test_random_fires(restore):
     """codebook_fused_fire and its max-pool form on random configurations."""
     rng = np.random.default_rng(_SEED + 1)
@@ -199,8 +180,8 @@ def test_random_fires(restore):
         what = (f"seed {_SEED} case {case}: fire C {C} S {S} E1 {E1} E3 {E3} "
                 f"{N}x{H}x{W} {kind}, "
                 f"{', '.join(l['desc'] for l in layers)}, {setup}, {dtype}")
-        ref = _ref_fire(x, layers)
-        absref = _ref_fire(x, layers, magnitude=True)
+        ref = _fire_ref(x, layers)
+        absref = _fire_ref(x.abs(), [_magnitude(l) for l in layers])
         flat = [t for l in layers for t in args(l)]
         if rng.random() < 0.3 and H >= 3 and W >= 3:
             ceil = bool(rng.random() < 0.5)
