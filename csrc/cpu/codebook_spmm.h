@@ -1070,7 +1070,7 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
     // threads, conv1 in channels_last at 10 / 33 / 100 %, unstructured and block-4, two runs:
     // SqueezeNet 1.0 (7x7) 1.04-1.10x / 1.03-1.06x / 1.00-1.02x, 1.1 (3x3) 0.96-1.04x (what
     // remains of the packing is reading x, ~0.6 MB a call, from L3).
-    if (sC == 1 && sW != 1 && C <= 4 && kw > 1 && sW < (int64_t(1) << 26)) {
+    if (sC == 1 && sW != 1 && C <= 4 && kw > 1 && gather_offsets_fit(sW)) {
       const int64_t wr = round_up(W, kVec);
       AlignedBuffer<T> rowbuf(C * wr);
       for (int64_t i = 0; i < l.plane_rows; ++i)
@@ -1106,7 +1106,7 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
             // channels was a quarter of conv1's samples): same-process A/B, 2 threads, conv1 of
             // SqueezeNet 1.1 / 1.0 in channels_last 1.17-1.24x / 1.12-1.26x (round 11; kernels of
             // several columns now take the row-once path above). Else 16x16 transposes.
-            const bool gathers = sw * sW < (int64_t(1) << 26);  // offsets of 16 pixels in 32 bits
+            const bool gathers = gather_offsets_fit(sw * sW);
             if (C <= 4 && gathers) {
               gather_columns(srow + c0 * sW, sw * sW, jb - ja, C, phase + i * l.pitch + ja, l.plane);
             } else if (used && gathers) {

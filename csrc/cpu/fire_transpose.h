@@ -61,8 +61,11 @@ inline void transpose_tile16(const float* src, int64_t ss, int rows, int cols, f
   }
 }
 
+// Whether the 32-bit element offsets of 16 pixels ss apart (pixel_offsets) fit, with room.
+inline bool gather_offsets_fit(int64_t ss) { return ss < (int64_t(1) << 26); }
+
 // Lane l = l * ss: the 32-bit element offsets of 16 pixels ss apart, for 16-lane gathers (15 * ss
-// must fit 32 bits).
+// must fit 32 bits: gather_offsets_fit).
 inline __m512i pixel_offsets(int64_t ss) {
   return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                             _mm512_set1_epi32(static_cast<int>(ss)));
@@ -151,6 +154,8 @@ inline void gather_columns(const float* src, int64_t ss, int64_t np, int64_t nc,
 // or the first stage by 64-bit shifts and blends, 15-16 ns. Same-process A/B of the first against
 // the shuffles, 2 threads: channels_last codebook squeezes 1.00-1.12x, codebook Fires 0.98-1.07x
 // for the shuffles. A band whose buffer is in L2 is store-bound: 22 ns a tile, as a plain copy.
+// (Those were one tile transposed over and over; a whole channels_last band, round 13's
+// bench/transpose_micro.cpp: 20-21 ns a tile in L1, 31-36 ns in a 55x55 squeeze's geometry.)
 inline void transpose_2d(const float* src, int64_t ss, int64_t np, int64_t nc, float* dst,
                          int64_t ds) {
   for (int64_t p0 = 0; p0 < np; p0 += 16) {
