@@ -116,7 +116,7 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // 0.97-1.01x): channels_last squeezes 1.08-1.32x, 1x1 expands 0.98-1.28x (mostly 1.02-1.09x),
   // 3x3 expands 1.00-1.16x, the classifier 1.06-1.18x; NCHW squeezes 1.02-1.15x. (NCHW 1x1
   // expands in bands: 0.63-0.94x.)
-  const bool cl_input = xs[1] == 1 && xs[3] != 1 && C > 4;
+  const bool cl_input = pixel_major(xs[1], xs[3]) && C > 4;
   const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads && !cl_input &&
                         !(C > 4 && g.O <= C);
   // Such a flat map stays one band even when its packed input exceeds the budget (up to twice

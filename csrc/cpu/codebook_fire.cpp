@@ -299,7 +299,7 @@ void fire_forward(const at::Tensor& x, const Stream& sq, const Stream& e1, const
   // channels_last x: pack only the input channels the squeeze reaches (when few are; see
   // used_channels)
   std::vector<uint8_t> used_keep;
-  const uint8_t* used = used_channels(Lsq, S, C, 1, k, xs[1] == 1 && xs[3] != 1, H * W, used_keep);
+  const uint8_t* used = used_channels(Lsq, S, C, 1, k, pixel_major(xs[1], xs[3]), H * W, used_keep);
 
   at::parallel_for(0, N * nb * ob, 1, [&](int64_t b, int64_t e) {
     AlignedBuffer<T> sbuf(ls.elems), pbuf(lx.elems);

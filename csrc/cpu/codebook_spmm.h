@@ -843,6 +843,11 @@ inline bool runs_readable(int64_t x0, int64_t C, int64_t cs, int64_t npix, int64
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether a map with channel stride sC and pixel stride sW is pixel-major (channels_last, or a
+// channels_last view whose pixels are more than C apart): its channel vectors must be transposed
+// into CHW rows. A 1-pixel-wide map (sW == 1 == sC) reads as CHW.
+inline bool pixel_major(int64_t sC, int64_t sW) { return sC == 1 && sW != 1; }
+
 struct Layout {
   int64_t sh = 1;            // stride of the rows (phases)
   int64_t pitch = 0;         // elements per plane row: a multiple of kVec, >= output columns
@@ -1070,7 +1075,7 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
     // threads, conv1 in channels_last at 10 / 33 / 100 %, unstructured and block-4, two runs:
     // SqueezeNet 1.0 (7x7) 1.04-1.10x / 1.03-1.06x / 1.00-1.02x, 1.1 (3x3) 0.96-1.04x (what
     // remains of the packing is reading x, ~0.6 MB a call, from L3).
-    if (sC == 1 && sW != 1 && C <= 4 && kw > 1 && gather_offsets_fit(sW)) {
+    if (pixel_major(sC, sW) && C <= 4 && kw > 1 && gather_offsets_fit(sW)) {
       const int64_t wr = round_up(W, kVec);
       AlignedBuffer<T> rowbuf(C * wr);
       for (int64_t i = 0; i < l.plane_rows; ++i)
@@ -1088,7 +1093,7 @@ inline void pack_band(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C,
     }
   }
 #endif
-  if (sC == 1 && sW != 1) {
+  if (pixel_major(sC, sW)) {
     // channels-last-like input: pixels outer, channels innermost in the source.
     for (int64_t kx = 0; kx < kw; ++kx) {
       const int64_t ja = cols[3 * kx], jb = cols[3 * kx + 1], c0 = cols[3 * kx + 2];
@@ -1236,7 +1241,7 @@ struct OutSink {
   // channels x 16 pixels at a time through register transposes (AVX-512 float builds).
   bool row_blocks() const {
 #if defined(__AVX512F__)
-    return std::is_same<T, float>::value && wide && e.sC == 1 && e.sW != 1 && e.in_w % 16 == 0;
+    return std::is_same<T, float>::value && wide && pixel_major(e.sC, e.sW) && e.in_w % 16 == 0;
 #else
     return false;
 #endif
