@@ -137,6 +137,12 @@ def _crafted(good, fn):
     return rebuild(meta, tensors)
 
 
+def _empty_layer(name, rows, table="", nsym=0):
+    stream = {"off": 0, "len": 0, "nsym": nsym, "crc": 0, "table": table}
+    return {"name": name, "kind": "linear", "shape": [rows, 1], "bits": 1, "n": 1, "cb_off": 0,
+            "nnz": 0, "index_bits": 1, "bias": False, "gaps": dict(stream), "codes": dict(stream)}
+
+
 def _layer(meta, kind="conv2d"):
     return next(L for L in meta["layers"] if L["kind"] == kind)
 
@@ -165,6 +171,12 @@ def _layer(meta, kind="conv2d"):
     (lambda m, t: m["fires"].append("ghost"), "ghost"),
     (lambda m, t: t.update({container.STREAMS: t[container.STREAMS][:-5]}), "runs past|CRC"),
     (lambda m, t: t.update({container.CODEBOOKS: t[container.CODEBOOKS].half()}), "float32"),
+    # values of the wrong JSON type where a string is expected (once a TypeError)
+    (lambda m, t: m.update(codebook_dtype=[]), "codebook_dtype"),
+    (lambda m, t: _layer(m).update(kind=[]), "kind"),
+    # layers without entries cost a row_counts allocation but no file bytes: rows are limited
+    # over all layers together (once 16 layers of 2**24 rows each took 1 GB from an 8 KB file)
+    (lambda m, t: m["layers"].extend(_empty_layer(f"e{i}", 1 << 23) for i in range(3)), "limits"),
 ])
 def test_crafted_files_rejected(good, fn, match):
     with pytest.raises(ValueError, match=match):
@@ -200,6 +212,46 @@ def test_failed_load_leaves_model_untouched(good):
         C.load(bytes(bad), net)
     assert isinstance(net[0], nn.Conv2d)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_many_streams_with_long_codes_keep_the_tables_bounded(good, monkeypatch):
+    # Each stream's lookup table has 2**(its longest code) entries: 600 one-weight layers whose
+    # gap symbol has a 15-bit code once cost 600 * 128 KB of tables from a few KB of file. They
+    # are decoded in batches of at most LUT_BUDGET entries (shrunk here to see several batches).
+    from sqz_kernels.compression import huffman
+    meta, tensors = split(good[0])
+    raw = bytearray(tensors[container.STREAMS].numpy().tobytes())
+    gap_len = np.array([15] + list(range(1, 15)) + [15], dtype=np.uint8)  # symbol 0: 15 bits
+    gap_blob = huffman.encode(np.zeros(1, dtype=np.uint8), gap_len, 2048)
+    code_len = np.array([1], dtype=np.uint8)
+    code_blob = huffman.encode(np.zeros(1, dtype=np.uint8), code_len, 2048)
+    for i in range(600):
+        L = _empty_layer(f"long{i}", 1)
+        L.update(nnz=1, index_bits=4)
+        for st, blob, lens in (("gaps", gap_blob, gap_len), ("codes", code_blob, code_len)):
+            L[st].update(off=len(raw), len=len(blob), nsym=1, table=huffman.lengths_to_hex(lens))
+            raw += blob
+        meta["layers"].append(L)
+    tensors[container.STREAMS] = torch.frombuffer(raw, dtype=torch.uint8).clone()
+    data = rebuild(meta, tensors)
+    entries = []  # table entries of each batch
+    real = huffman._decode_batch
+
+    def spy(batch, streams, *rest):
+        entries.append(sum(1 << int(streams[i][1].max()) for i in batch))
+        return real(batch, streams, *rest)
+
+    monkeypatch.setattr(huffman, "LUT_BUDGET", 1 << 19)
+    monkeypatch.setattr(huffman, "_decode_batch", spy)
+    content = C.read(data)
+    assert len(entries) >= 600 * (1 << 15) // (1 << 19) and max(entries) <= 1 << 19
+    for i in range(600):  # one weight at column 0 with code 0
+        L = content["layers"][f"long{i}"]
+        assert L["gaps"].tolist() == [0] and L["codes"].tolist() == [0]
+        assert L["row_counts"].tolist() == [1]
+    rest = {"layers": {k: v for k, v in content["layers"].items() if not k.startswith("long")},
+            "dense": content["dense"]}
+    assert fingerprint(rest) == good[1]
 
 
 def main(argv=None) -> int:

@@ -163,3 +163,128 @@ def test_block_pruned_roundtrip(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(net(x), fresh(x))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_file_whose_fire_is_not_a_fire_leaves_the_model_untouched(tmp_path):
+    # The three convs are swapped only after the Fire they form has been assembled: a file that
+    # names a module with a stride-2 expand3x3 as a Fire once left it half converted.
+    class NotAFire(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.squeeze = nn.Conv2d(8, 4, 1)
+            self.expand1x1 = nn.Conv2d(4, 8, 1)
+            self.expand3x3 = nn.Conv2d(4, 8, 3, padding=1, stride=2)
+
+        def forward(self, x):
+            x = self.squeeze(x)
+            return self.expand1x1(x)[..., ::2, ::2] + self.expand3x3(x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(NotAFire())
+    C.compress(net, density=0.5, bits=4, progress=False)
+    from test_container_fuzz import rebuild, split
+    C.save(net, tmp_path / "x.sqz")
+    meta, tensors = split((tmp_path / "x.sqz").read_bytes())
+    meta["fires"].append("0")
+    target = nn.Sequential(NotAFire())
+    before = _state(target)
+    with pytest.raises(ValueError, match="Fire '0'.*do not form a Fire"):
+        C.load(rebuild(meta, tensors), target)
+    assert all(type(c) is nn.Conv2d for c in target[0].children())
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_a_file_of_one_layer_loads_into_that_layer(tmp_path, kind):
+    # The layer is the whole model (name ''): it cannot be swapped, so it loads only into a
+    # Codebook layer, which takes the streams (it was once skipped silently: 0 entries loaded).
+    torch.manual_seed(1)
+    if kind == "conv":
+        dense = nn.Conv2d(4, 8, 3, padding=1)
+        layer = sk.CodebookConv2d.from_conv(dense, bits=4)
+        fresh = sk.CodebookConv2d(4, 8, 3, padding=1, bits=3)
+        x = torch.randn(2, 4, 6, 6)
+    else:
+        dense = nn.Linear(10, 7)
+        layer = sk.CodebookLinear.from_linear(dense, bits=4)
+        fresh = sk.CodebookLinear(10, 7, bits=3)
+        x = torch.randn(2, 10)
+    p = tmp_path / "one.sqz"
+    C.save(layer, p)
+    assert C.load(p, fresh) is fresh
+    _same_state(fresh, layer)
+    assert fresh.bits == 4
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+    before = _state(dense)
+    with pytest.raises(ValueError, match="whole model"):
+        C.load(p, dense)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_file_of_one_fire_loads_into_a_codebook_fire(tmp_path):
+    def codebook_fire():
+        f = sk.fire.EagerFire(8, 4, 6, 6)
+        return CodebookFire.from_codebook_convs(
+            *(sk.CodebookConv2d.from_conv(c, bits=4) for c in (f.squeeze, f.expand1x1, f.expand3x3)))
+
+    torch.manual_seed(2)
+    fire = codebook_fire()
+    p = tmp_path / "fire.sqz"
+    C.save(fire, p)
+    target = codebook_fire()
+    C.load(p, target)
+    _same_state(target, fire)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(target(x), fire(x))
+    eager = sk.fire.EagerFire(8, 4, 6, 6)
+    with pytest.raises(ValueError, match="CodebookFire"):
+        C.load(p, eager)
+    assert all(type(c) is nn.Conv2d for c in (eager.squeeze, eager.expand1x1, eager.expand3x3))
+
+
+def test_dense_tensors_of_another_kind_of_dtype_are_refused(tmp_path):
+    net = _compressed()
+    p = tmp_path / "n.sqz"
+    C.save(net, p)
+    from test_container_fuzz import rebuild, split
+    for dtype in (torch.complex64, torch.bool, torch.int32):
+        meta, tensors = split(p.read_bytes())
+        tensors["fire.squeeze.bias"] = tensors["fire.squeeze.bias"].to(dtype)
+        target = Net()
+        with pytest.raises(ValueError, match="fire.squeeze.bias.*dtype"):
+            C.load(rebuild(meta, tensors), target)
+        assert isinstance(target.conv, nn.Conv2d)
+    # float64 into a float32 model is a cast, as load_state_dict does
+    meta, tensors = split(p.read_bytes())
+    tensors["fire.squeeze.bias"] = tensors["fire.squeeze.bias"].double()
+    target = C.load(rebuild(meta, tensors), Net())
+    assert torch.equal(target.fire.squeeze.bias, net.fire.squeeze.bias)
+    meta, tensors = split(p.read_bytes())
+    tensors["bn.num_batches_tracked"] = tensors["bn.num_batches_tracked"].float()
+    with pytest.raises(ValueError, match="num_batches_tracked.*dtype"):
+        C.load(rebuild(meta, tensors), Net())
+
+
+def test_file_report_refuses_malformed_tensor_entries(tmp_path):
+    import json
+    import struct
+    net = _compressed()
+    p = tmp_path / "n.sqz"
+    C.save(net, p)
+    data = p.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if not k.startswith("__"))
+    for bad in ([], [0, None], [5, 2], "x"):
+        header[key]["data_offsets"] = bad
+        hb = json.dumps(header).encode()
+        q = tmp_path / "bad.sqz"
+        q.write_bytes(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+        with pytest.raises(ValueError, match="data_offsets"):
+            C.file_report(q)

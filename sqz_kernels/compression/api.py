@@ -201,8 +201,11 @@ def file_report(path: Union[str, os.PathLike]) -> CompressionReport:
     for k, v in header.items():
         if k in ("__metadata__", container.STREAMS, container.CODEBOOKS) or not isinstance(v, dict):
             continue
-        off = v.get("data_offsets", [0, 0])
-        other += int(off[1]) - int(off[0])
+        off = v.get("data_offsets")
+        if not (isinstance(off, list) and len(off) == 2 and all(
+                isinstance(a, int) and not isinstance(a, bool) for a in off) and 0 <= off[0] <= off[1]):
+            container._fail(f"tensor {k!r}: data_offsets must be two ints 0 <= begin <= end, got {off!r}")
+        other += off[1] - off[0]
     return CompressionReport(out, other, meta["codebook_dtype"], file_bytes=len(data))
 
 

@@ -34,7 +34,8 @@ VERSION = 1
 STREAMS = "__sqz_streams__"
 CODEBOOKS = "__sqz_codebooks__"
 MAX_HEADER = 64 << 20        # a safetensors header larger than this is refused
-MAX_ROWS = 1 << 24           # per layer: bounds the row_counts allocation (64 MiB)
+MAX_ROWS = 1 << 24           # all layers together: bounds the row_counts allocations (64 MiB),
+                             # which a layer without entries costs but its file bytes do not
 MAX_NUMEL = 1 << 34          # per layer: positions must fit comfortably in int64 arithmetic
 DEFAULT_CHUNK = 2048
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -210,6 +211,16 @@ def _int(d, key, lo, hi, where):
 
 
 def _check_meta(header: Dict) -> Dict:
+    """The validated 'sqz' metadata of a parsed header. Any malformed value is a ValueError
+    naming it; a type the checks below did not foresee still ends as a ValueError, never as a
+    TypeError / KeyError from deeper in the reader."""
+    try:
+        return _check_meta_fields(header)
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        _fail(f"malformed metadata ({type(e).__name__}: {e})")
+
+
+def _check_meta_fields(header: Dict) -> Dict:
     md = header.get("__metadata__")
     if not isinstance(md, dict) or "sqz" not in md:
         _fail("no 'sqz' metadata (not a file written by sqz_kernels.save)")
@@ -224,12 +235,13 @@ def _check_meta(header: Dict) -> Dict:
     if meta.get("version") != VERSION:
         _fail(f"format version {meta.get('version')!r} is not supported (this reader: {VERSION})")
     _int(meta, "chunk", 1, huffman.MAX_CHUNK, "metadata")
-    if meta.get("codebook_dtype") not in _DTYPES:
+    if not isinstance(meta.get("codebook_dtype"), str) or meta["codebook_dtype"] not in _DTYPES:
         _fail(f"codebook_dtype must be one of {list(_DTYPES)}")
     if not isinstance(meta.get("layers"), list) or not isinstance(meta.get("fires"), list) \
             or not isinstance(meta.get("crc"), dict):
         _fail("metadata needs 'layers' (list), 'fires' (list) and 'crc' (object)")
     names = set()
+    total_rows = 0
     for i, L in enumerate(meta["layers"]):
         where = f"layer {i}"
         if not isinstance(L, dict) or not isinstance(L.get("name"), str):
@@ -240,15 +252,17 @@ def _check_meta(header: Dict) -> Dict:
         names.add(L["name"])
         kind = L.get("kind")
         shape = L.get("shape")
-        ndim = {"conv2d": 4, "linear": 2}.get(kind)
+        ndim = {"conv2d": 4, "linear": 2}.get(kind) if isinstance(kind, str) else None
         if ndim is None:
             _fail(f"{where}: kind must be 'conv2d' or 'linear', got {kind!r}")
         if not isinstance(shape, list) or len(shape) != ndim or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_NUMEL for s in shape):
             _fail(f"{where}: shape must be {ndim} non-negative ints, got {shape!r}")
         numel = int(np.prod(shape, dtype=object))
-        if numel > MAX_NUMEL or shape[0] > MAX_ROWS:
-            _fail(f"{where}: shape {shape} exceeds the limits ({MAX_NUMEL} weights, {MAX_ROWS} rows)")
+        total_rows += shape[0]
+        if numel > MAX_NUMEL or total_rows > MAX_ROWS:
+            _fail(f"{where}: shape {shape} exceeds the limits ({MAX_NUMEL} weights a layer, "
+                  f"{MAX_ROWS} rows in all layers together)")
         if kind == "conv2d":
             for key in ("stride", "padding"):
                 v = L.get(key)
@@ -294,7 +308,7 @@ def read(source: Union[str, os.PathLike, bytes]) -> Dict:
     """Parse and fully validate a .sqz file without a model. Returns {'meta', 'layers': {name:
     {'codebook', 'codes', 'gaps', 'row_counts', 'bias'?, **metadata}}, 'dense': {key: tensor}}.
     Any inconsistency raises ValueError; memory use is bounded by the file size (and the
-    per-layer row limit)."""
+    limit on rows over all layers, MAX_ROWS)."""
     from safetensors.torch import load as st_load
     data = _read_bytes(source)
     meta = _check_meta(_header(data))
@@ -411,13 +425,38 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
             m.global_pool = getattr(old, "global_pool", False)
         m.to(next(iter(old.parameters()), torch.zeros(0)).device)
         m.train(old.training)
+        if not name and type(model) is not type(m):
+            # a module cannot replace itself: a file of one layer loads into that Codebook layer
+            raise ValueError(f"load: the file's {L['kind']} is the whole model; load it into a "
+                             f"{type(m).__name__} (the model is a {type(model).__name__})")
         new_mods[name] = m
+    # the Fires, assembled (and their geometry checked) before any change
+    fires = {}
     for fname in meta["fires"]:
-        get(fname)
-    # all checks of the dense part before any change
+        old = get(fname)
+        if not fname and not isinstance(model, CodebookFire):
+            raise ValueError("load: the file's Fire is the whole model; load it into a CodebookFire "
+                             f"(the model is a {type(model).__name__})")
+        p = fname + "." if fname else ""
+        parts = [new_mods[p + c] for c in ("squeeze", "expand1x1", "expand3x3")]
+        try:
+            fire = CodebookFire.from_codebook_convs(*parts)
+        except ValueError as e:
+            raise ValueError(f"load: Fire {fname!r}: {e}") from None
+        fire.train(old.training)
+        fire.pool = getattr(old, "pool", None)  # a folded max-pool (sk.fold_pool_) stays
+        fires[fname] = fire
+
     def swap(name, mod):
-        if name:  # the model itself cannot be replaced in place
+        if name:
             replace_submodule(model, name, mod)
+        elif isinstance(mod, CodebookFire):
+            pass  # the model is that CodebookFire: its three convs were swapped
+        else:  # the model is that Codebook layer (checked above): it takes the streams
+            model.bits = mod.bits
+            model.set_compressed(mod.codebook, mod.codes, mod.gaps, mod.row_counts)
+
+    # all checks of the dense part before any change
 
     # dry run on the key sets: the state_dict the model will have after the swaps
     owned = {(n + "." if n else "") + s for n in new_mods for s in ("codebook", "codes", "gaps", "row_counts")}
@@ -433,19 +472,19 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         if tuple(expected[k].shape) != tuple(t.shape):
             raise ValueError(f"load: tensor {k!r} has shape {list(t.shape)} in the file, "
                              f"{list(expected[k].shape)} in the model")
+        # float -> float casts (a model saved in float64, loaded into float32) are fine; a
+        # complex, bool or integer tensor in place of a float one (or the reverse) is not
+        e = expected[k].dtype
+        if (e.is_floating_point != t.dtype.is_floating_point or e.is_complex or t.dtype.is_complex
+                or (not e.is_floating_point and e != t.dtype)):
+            raise ValueError(f"load: tensor {k!r} has dtype {t.dtype} in the file, {e} in the model")
     missing = [k for k in expected if k not in dense]
     if strict and missing:
         raise ValueError(f"load: the file lacks {len(missing)} model tensors, e.g. {missing[:3]}")
     for name, m in new_mods.items():
         swap(name, m)
-    for fname in meta["fires"]:
-        p = fname + "." if fname else ""
-        parts = [new_mods[p + c] for c in ("squeeze", "expand1x1", "expand3x3")]
-        fire = CodebookFire.from_codebook_convs(*parts)
-        fire.train(get(fname).training)
-        fire.pool = getattr(get(fname), "pool", None)  # a folded max-pool (sk.fold_pool_) stays
-        if fname:
-            swap(fname, fire)
+    for fname, fire in fires.items():
+        swap(fname, fire)
     sd = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for k, t in dense.items():

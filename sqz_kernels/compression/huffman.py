@@ -14,10 +14,10 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["MAX_LEN", "code_lengths", "lengths_to_hex", "lengths_from_hex", "check_lengths",
-           "encode", "decode_many", "encoded_bits"]
+__all__ = ["MAX_LEN", "LUT_BUDGET", "code_lengths", "lengths_to_hex", "lengths_from_hex",
+           "check_lengths", "encode", "decode_many", "encoded_bits"]
 
-MAX_LEN = 15          # longest code: the lookup table has 2**15 entries per stream at most
+MAX_LEN = 15          # longest code: a stream's lookup table has 2**15 entries at most
 MAX_CHUNK = 4096      # 4096 * 15 bits < 2**16, so a chunk's bit length fits a uint16
 _PAD = 64 * MAX_LEN // 8 + 8
 
@@ -138,29 +138,54 @@ def encode(symbols: np.ndarray, lengths: np.ndarray, chunk: int) -> bytes:
     return chunk_bits.astype("<u2").tobytes() + packed.tobytes()
 
 
+# Lookup-table entries (int32) per decoding batch: streams are decoded in batches whose tables
+# (2**w entries for a stream whose longest code has w bits) fit this, so a file of many tiny
+# streams with 15-bit codes cannot make the tables outgrow the file by orders of magnitude.
+LUT_BUDGET = 1 << 22
+
+
 def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
                 what: Sequence[str] = ()) -> List[np.ndarray]:
     """Decode several blobs at once. streams: (blob, lengths, number of symbols). Every chunk of
-    every stream is a lane; each numpy step decodes one symbol in every lane. Raises
-    ValueError on any inconsistency (blob size, an invalid code, a chunk that does not end
-    exactly at its declared bit length)."""
+    every stream is a lane; each numpy step decodes one symbol in every lane of a batch of
+    streams. Raises ValueError on any inconsistency (blob size, an invalid code, a chunk that
+    does not end exactly at its declared bit length). Memory: the outputs, a few int64 per
+    chunk, the payload, and at most LUT_BUDGET table entries."""
     if not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
         raise ValueError(f"chunk must be an int in [1, {MAX_CHUNK}], got {chunk!r}")
     outs = [np.zeros(int(n), dtype=np.uint8) for _, _, n in streams]
     names = list(what) + [f"stream {i}" for i in range(len(what), len(streams))]
-    lane_start, lane_end, lane_count, lane_out, lane_table = [], [], [], [], []
-    bufs, tables = [], []
-    bit_base = 0
-    out_base = 0
-    width = 1
+    batch, batch_lut = [], 0
     for i, (blob, lengths, n) in enumerate(streams):
-        n = int(n)
         check_lengths(lengths, f"{names[i]}: Huffman table")
+        n = int(n)
         if n == 0:
             if len(blob):
                 raise ValueError(f"{names[i]}: declares 0 symbols but holds {len(blob)} bytes")
-            tables.append(None)
             continue
+        used = lengths[lengths > 0]
+        if used.size == 0:
+            raise ValueError(f"{names[i]}: Huffman table is empty but {n} symbols are declared")
+        size = 1 << int(used.max())
+        if batch and batch_lut + size > LUT_BUDGET:
+            _decode_batch(batch, streams, outs, chunk, names)
+            batch, batch_lut = [], 0
+        batch.append(i)
+        batch_lut += size
+    if batch:
+        _decode_batch(batch, streams, outs, chunk, names)
+    return outs
+
+
+def _decode_batch(batch: List[int], streams, outs: List[np.ndarray], chunk: int,
+                  names: List[str]) -> None:
+    """Decodes streams[i] into outs[i] for i in batch (each with symbols and a non-empty table)."""
+    lane_start, lane_end, lane_count, lane_out, lane_table, lane_width = [], [], [], [], [], []
+    bufs, luts = [], []
+    bit_base = out_base = lut_base = 0
+    for i in batch:
+        blob, lengths, n = streams[i]
+        n = int(n)
         nchunks = -(-n // chunk)
         if len(blob) < 2 * nchunks:
             raise ValueError(f"{names[i]}: {len(blob)} bytes cannot hold {nchunks} chunk headers")
@@ -171,38 +196,33 @@ def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
             raise ValueError(f"{names[i]}: holds {len(payload)} payload bytes, its chunk headers "
                              f"declare {nbits} bits")
         used = lengths[lengths > 0]
-        if used.size == 0:
-            raise ValueError(f"{names[i]}: Huffman table is empty but {n} symbols are declared")
         counts = np.full(nchunks, chunk, dtype=np.int64)
         counts[-1] = n - chunk * (nchunks - 1)
         if np.any(cb < counts * int(used.min())) or np.any(cb > counts * int(used.max())):
             raise ValueError(f"{names[i]}: a chunk's bit length is impossible for its symbol count")
-        width = max(width, int(used.max()))
+        # the stream's table: 2**width entries (code length << 8) | symbol; length 0 marks a bit
+        # pattern that is no code (such a lane stalls and fails the end check below)
+        width = int(used.max())
+        lut = np.zeros(1 << width, dtype=np.int32)
+        syms, codes = _canonical_codes(lengths)
+        lens = lengths[syms].astype(np.int64)
+        spans = 1 << (width - lens)
+        lo = codes << (width - lens)
+        idx = np.repeat(lo - np.cumsum(spans) + spans, spans) + np.arange(int(spans.sum()))
+        lut[idx] = np.repeat((lens << 8) | syms, spans)
         starts = bit_base + np.concatenate([[0], np.cumsum(cb)[:-1]])
         lane_start.append(starts)
         lane_end.append(starts + cb)
         lane_count.append(counts)
         lane_out.append(out_base + np.arange(nchunks, dtype=np.int64) * chunk)
-        lane_table.append(np.full(nchunks, len(tables), dtype=np.int64))
-        tables.append(lengths)
+        lane_table.append(np.full(nchunks, lut_base, dtype=np.int64))
+        lane_width.append(np.full(nchunks, width, dtype=np.int64))
+        luts.append(lut)
         bufs.append(np.frombuffer(payload, dtype=np.uint8))
         bit_base += 8 * len(payload)
         out_base += n
-    if not lane_start:
-        return outs
-    # one lookup table of 2**width entries per stream: (code length << 8) | symbol; length 0
-    # marks a bit pattern that is no code (such a lane stalls and fails the end check below)
-    size = 1 << width
-    lut = np.zeros(len(tables) * size, dtype=np.int32)
-    for t, lengths in enumerate(tables):
-        if lengths is None:
-            continue
-        syms, codes = _canonical_codes(lengths)
-        lens = lengths[syms].astype(np.int64)
-        spans = 1 << (width - lens)
-        lo = t * size + (codes << (width - lens))
-        idx = np.repeat(lo - np.cumsum(spans) + spans, spans) + np.arange(int(spans.sum()))
-        lut[idx] = np.repeat((lens << 8) | syms, spans)
+        lut_base += lut.size
+    lut = np.concatenate(luts)
     payload = np.concatenate(bufs)
     # 24-bit big-endian window starting at every byte (>= 7 + 15 bits needed); the zero padding
     # absorbs lanes that overrun between two overrun checks (<= 64 steps * 15 bits = 120 bytes)
@@ -213,32 +233,29 @@ def decode_many(streams: Sequence[Tuple[bytes, np.ndarray, int]], chunk: int,
     end = np.concatenate(lane_end)
     cnt = np.concatenate(lane_count)
     outp = np.concatenate(lane_out)
-    tab = np.concatenate(lane_table) * size
+    tab = np.concatenate(lane_table)
+    width = np.concatenate(lane_width)
     # longest lanes first, so the lanes still active at step t are a prefix
     order = np.argsort(-cnt, kind="stable")
-    pos, end, cnt, outp, tab = pos[order], end[order], cnt[order], outp[order], tab[order]
-    steps = int(cnt.max())
-    n_active = cnt.size - np.searchsorted(np.sort(cnt), np.arange(steps), side="right")
-    grid = np.zeros((steps, cnt.size), dtype=np.int32)       # step t, lane -> lut entry
+    pos, end, cnt, outp, tab, width = (a[order] for a in (pos, end, cnt, outp, tab, width))
     shift = 24 - width
     mask = (1 << width) - 1
+    steps = int(cnt.max())
+    n_active = cnt.size - np.searchsorted(np.sort(cnt), np.arange(steps), side="right")
+    flat = np.zeros(out_base, dtype=np.uint8)
     for t in range(steps):
         a = int(n_active[t])
         p = pos[:a]
-        e = lut[tab[:a] + ((w24[p >> 3] >> (shift - (p & 7))) & mask)]
-        grid[t, :a] = e
+        e = lut[tab[:a] + ((w24[p >> 3] >> (shift[:a] - (p & 7))) & mask[:a])]
+        flat[outp[:a] + t] = e & 0xFF          # lane l's t-th symbol
         p += e >> 8
         if t % 64 == 63 and int(p.max()) > limit:
             raise ValueError("Huffman stream runs past its end (corrupt stream or table)")
     if not np.array_equal(pos, end):
         raise ValueError("Huffman stream: a chunk does not end at its declared bit length "
                          "(corrupt stream or table)")
-    # scatter the decoded symbols: lane l's t-th symbol goes to outp[l] + t
-    tt, ll = np.nonzero(np.arange(steps)[:, None] < cnt[None, :])
-    flat = np.zeros(out_base, dtype=np.uint8)
-    flat[outp[ll] + tt] = (grid[tt, ll] & 0xFF).astype(np.uint8)
     base = 0
-    for i, (_, _, n) in enumerate(streams):
-        outs[i] = flat[base: base + int(n)]
-        base += int(n)
-    return outs
+    for i in batch:
+        n = int(streams[i][2])
+        outs[i] = flat[base: base + n]
+        base += n
