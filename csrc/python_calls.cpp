@@ -182,7 +182,8 @@ PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
 // device, sizes and strides, no torch function mode is on, every dict[key] is still that very
 // object and every dict still has that length (KernelChain passes each module's `training` and
 // layer flags, and its parameters, buffers and children: load_state_dict installs new tensors in
-// Codebook layers, surgery replaces children), and no gradient can flow (grad mode off, or
+// Codebook layers, surgery replaces children), every tensor argument keeps its dtype, device,
+// sizes and strides (model.double() changes them in place), and no gradient can flow (grad mode off, or
 // neither x nor a tensor argument of the chain requires grad). Checked here, not in Python: a
 // Python loop over SqueezeNet's 68 modules and 130 tensors took ~30-40 us a call.
 struct ChainGuard {
@@ -193,6 +194,14 @@ struct ChainGuard {
   std::vector<std::array<PyObject*, 3>> entries;      // (dict, key, object), strong references
   std::vector<std::pair<PyObject*, Py_ssize_t>> lengths;  // (dict, length), strong references
   std::vector<at::Tensor> tensors;                   // the chain's tensor arguments
+  // ... and their dtype, device, sizes and strides at build: model.double() / .to() / p.data = t
+  // change a held tensor in place (same TensorImpl, so the same Python object for the entries)
+  struct Meta {
+    at::ScalarType dtype;
+    c10::Device device;
+    std::vector<int64_t> sizes, strides;
+  };
+  std::vector<Meta> metas;
 
   ~ChainGuard() {  // under the GIL (chain_build or the capsule's destructor)
     for (auto& e : entries)
@@ -209,6 +218,13 @@ struct ChainGuard {
       if (PyDict_GetItem(e[0], e[1]) != e[2]) return false;  // borrowed; identity
     for (const auto& l : lengths)
       if (PyDict_GET_SIZE(l.first) != l.second) return false;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      const Meta& m = metas[i];
+      if (t.scalar_type() != m.dtype || t.device() != m.device ||
+          t.sizes() != c10::IntArrayRef(m.sizes) || t.strides() != c10::IntArrayRef(m.strides))
+        return false;
+    }
     if (at::GradMode::is_enabled()) {
       if (x.requires_grad()) return false;
       for (const at::Tensor& t : tensors)
@@ -269,7 +285,11 @@ std::unique_ptr<ChainGuard> make_guard(PyObject* g, const std::vector<ChainStep>
   }
   for (const ChainStep& st : steps)
     for (size_t j = 1; j < st.args.size(); ++j)
-      if (st.args[j].isTensor()) gd->tensors.push_back(st.args[j].toTensor());
+      if (st.args[j].isTensor()) {
+        const at::Tensor& t = st.args[j].toTensor();
+        gd->tensors.push_back(t);
+        gd->metas.push_back({t.scalar_type(), t.device(), t.sizes().vec(), t.strides().vec()});
+      }
   return gd;
 }
 

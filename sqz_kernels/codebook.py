@@ -242,8 +242,7 @@ class CodebookLinear(_CodebookLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"n={self.codebook.numel()}, entries={self.codes.numel()}"
-                + (", relu=True" if self.relu else "")
-                + (f", pool={self.pool}" if self.pool is not None else ""))
+                + (", relu=True" if self.relu else ""))
 
 
 class CodebookFire(nn.Module):
@@ -322,9 +321,15 @@ def fold_relu_(model: nn.Module) -> int:
             if isinstance(layer, (CodebookConv2d, CodebookLinear)) and not layer.relu \
                     and type(act) is nn.ReLU:
                 layer.relu = True
-                seq._modules[b] = nn.Identity()
+                seq._modules[b] = _identity_like(act)
                 folds += 1
     return folds
+
+
+def _identity_like(folded: nn.Module) -> nn.Module:
+    """The nn.Identity that takes a folded module's place, in its training mode (a fresh module is
+    in training mode: inside an eval model it would change the modes KernelChain's guard checks)."""
+    return nn.Identity().train(folded.training)
 
 
 def _poolable(pool: nn.Module) -> Optional[Tuple[list, list, bool]]:
@@ -378,11 +383,11 @@ def fold_pool_(model: nn.Module) -> int:
                 continue  # a Fire's output is already >= 0, but keep unusual graphs as they are
             for r in relus:  # ReLU is idempotent: any number of them folds into the flag
                 layer.relu = True
-                seq._modules[r] = nn.Identity()
+                seq._modules[r] = _identity_like(seq._modules[r])
             if mean:
                 layer.global_pool = True
             else:
                 layer.pool = spec
-            seq._modules[names[j]] = nn.Identity()
+            seq._modules[names[j]] = _identity_like(nxt)
             folds += 1
     return folds

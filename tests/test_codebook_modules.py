@@ -190,3 +190,28 @@ def test_layers_reject_inputs_with_the_wrong_channel_count(compressed_net):
         # the reference path (other dtypes) raises too, through ATen
         with pytest.raises(RuntimeError):
             conv(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16))
+
+
+def test_repr_of_every_codebook_module():
+    # print(model) of a compressed model: CodebookLinear has no pool (it once read one in repr)
+    lin = sk.CodebookLinear.from_linear(torch.nn.Linear(6, 3), bits=3)
+    lin.relu = True
+    assert "in_features=6, out_features=3, bits=3" in repr(lin) and "relu=True" in repr(lin)
+    model = sk.models.squeezenet1_1(fire_cls=sk.EagerFire)
+    sk.compress(model, density=0.5, bits=4, progress=False)
+    sk.fold_relu_(model)
+    sk.fold_pool_(model)
+    text = repr(model)
+    assert "CodebookFire" in text and "pool=" in text and "global_pool=True" in text
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_folds_keep_the_training_mode_of_what_they_replace(train):
+    # A fresh nn.Identity is in training mode; inside an eval model it would flip the modes
+    # KernelChain's guard compares after any net.train(); net.eval().
+    model = sk.models.squeezenet1_1(fire_cls=sk.EagerFire).train(train)
+    sk.compress(model, density=0.5, bits=4, progress=False)
+    sk.fast_pool_(model)
+    assert sk.fold_relu_(model) > 0 and sk.fold_pool_(model) > 0
+    idents = [m for m in model.modules() if type(m) is torch.nn.Identity]
+    assert idents and all(m.training == train for m in idents)

@@ -310,3 +310,23 @@ def test_errors_inside_chain_run_are_raised():
         _C.chain_run(chain, torch.randn(1, 3, 6, 6))  # pooled 1x3x3x3 cannot be viewed as [1, 12]
     with pytest.raises(RuntimeError):
         _C.chain_run(chain, torch.zeros(1, 3, 4, 4, dtype=torch.int32))
+
+
+def test_parameters_converted_in_place_fall_back(folded):
+    # model.double() swaps each parameter's data in place: same Python objects (the dict guards
+    # pass), but the chain's held tensors change dtype under it
+    x = torch.randn(1, 3, 64, 64)
+    model = copy.deepcopy(folded)
+    run = sk.KernelChain(model, x)
+    model.double()
+    _assert_runs_the_model(run, model, x)
+    model.float()
+    with torch.no_grad():
+        assert torch.equal(run(x), model(x))
+    assert run.fallbacks == 1  # float32 again: the chain applies
+    bias = model.features[3].squeeze.bias
+    with torch.no_grad():
+        bias.data = torch.zeros(bias.numel() - 1)  # another shape, same object: the model's error
+        with pytest.raises(RuntimeError, match="bias"):
+            run(x)
+    assert run.fallbacks == 2
