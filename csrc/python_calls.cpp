@@ -135,6 +135,10 @@ PyObject* call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   if (!name) throw python_error();
   const c10::OperatorHandle& op = op_handle(name);
   const auto& schema_args = op.schema().arguments();
+  const auto& returns = op.schema().returns();
+  TORCH_CHECK_TYPE(returns.size() == 1 && returns[0].type()->kind() == c10::TypeKind::TensorType,
+                   "sqz_kernels._C.call: sqz_kernels::", name,
+                   " does not return one Tensor, which call does not convert (use torch.ops)");
   TORCH_CHECK_TYPE(static_cast<size_t>(nargs - 1) == schema_args.size(), "sqz_kernels::", name,
                    " takes ", schema_args.size(), " arguments, got ", nargs - 1);
   // A tensor subclass or an active __torch_function__ mode must see the call: NotImplemented

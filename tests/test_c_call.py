@@ -80,6 +80,9 @@ def test_bad_calls():
         _C.call()
     with pytest.raises(ValueError, match="no op sqz_kernels::nope"):
         _C.call("nope", *a)
+    # an op that returns no Tensor (was an internal assert after running it)
+    with pytest.raises(TypeError, match="cpu_isa does not return one Tensor"):
+        _C.call("cpu_isa")
     # the kernel's own checks come through as they do from torch.ops
     b = list(a)
     b[2] = b[2].clone().fill_(200)

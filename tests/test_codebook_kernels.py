@@ -924,3 +924,30 @@ def test_fused_fire_fewer_images_than_threads(channels_last, cpu_isa):
                 _close(y, _fire_ref(x, layers))
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+def test_extreme_geometry_is_computed_or_refused_cleanly(fmt):
+    # Found by a review: a stride of 2^60 wrapped the band layout's size (a segfault), 2^26..2^58
+    # were refused as "too large", 2^22 took 370 MB; C * kh * kw of 2^64 wrapped the address
+    # table's size to 0; 2 * padding of 2^63 - 1 wrapped to -2 (a wrong output shape).
+    x = torch.randn(2, 8, 5, 6)
+    if fmt == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    L = make_layer(4, 8 * 9, 0.5, 3)
+    for s in ((2 ** 60, 1), (1, 2 ** 22), (2 ** 30, 2 ** 62), (3, 4)):
+        torch.testing.assert_close(co.codebook_conv2d(x, *args(L), 3, s, 1, False),
+                                   _conv_ref(x, L, 8, (3, 3), s, (1, 1), False).float(),
+                                   rtol=1e-5, atol=1e-5)
+        pooled = co.codebook_conv2d_max_pool(x, *args(L), 3, s, 1, True, 1, 2 ** 24)
+        ref = F.max_pool2d(_conv_ref(x, L, 8, (3, 3), s, (1, 1), True), 1, 2 ** 24)
+        torch.testing.assert_close(pooled, ref.float(), rtol=1e-5, atol=1e-5)
+    e = torch.zeros(0, dtype=torch.uint8)
+    empty = (torch.ones(1), e, e, torch.zeros(1, dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match="< 2\\^31"):
+        co.codebook_conv2d(x[:, :1], *empty, 2 ** 32, 1, 2 ** 31, False)
+    with pytest.raises(RuntimeError, match="32-bit address offsets"):  # 2^40 channels x 3 x 3
+        co.codebook_conv2d(x[:1, :1].expand(1, 2 ** 40, 5, 6), *empty, 3, 1, 1, False)
+    for p in ((2 ** 63 - 1, 0), (0, 2 ** 63 - 1)):
+        with pytest.raises(RuntimeError, match="< 2\\^31"):
+            co.codebook_conv2d(x, *empty, 1, 1, p, False)

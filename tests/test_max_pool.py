@@ -137,6 +137,14 @@ def test_threads():
     (lambda: sk.ops.max_pool2d(torch.randn(1, 1, 9, 9), 0), "kernel_size must be"),
     (lambda: sk.ops.max_pool2d(torch.randn(1, 1, 2, 9), 3), "larger than the padded input"),
     (lambda: sk.ops.max_pool2d(torch.randn(1, 1, 9, 9), (3, 3, 3)), "kernel_size must be an int or a pair"),
+    # 2 * padding wrapped to -2 (a heap overrun / a wrong output shape, found by a review)
+    (lambda: sk.ops.max_pool2d(torch.randn(1, 2, 5, 5), 1, 1, (0, 2 ** 63 - 1)), "padding must be"),
+    (lambda: sk.ops.max_pool2d(torch.randn(1, 2, 5, 5), 1, 1, (2 ** 63 - 1, 0)), "padding must be"),
+    # an empty image with padding: its padded rows were read from an empty x (a crash / -inf)
+    (lambda: sk.ops.max_pool2d(torch.randn(1, 2, 0, 5, dtype=torch.float64), 2, 1, 1), "one row"),
+    (lambda: sk.ops.max_pool2d(torch.randn(1, 2, 5, 0), 2, 1, 1), "one column"),
+    (lambda: sk.ops.max_pool2d(torch.randn(1, 2, 0, 5).contiguous(memory_format=torch.channels_last),
+                               2, 1, 1), "one row"),
 ])
 def test_bad_input_raises(bad, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
@@ -182,3 +190,14 @@ def test_module_fallbacks_and_surgery():
         assert torch.equal(model(xi), ref)
     assert sk.fast_pool_(nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(2)), lambda name, m: name == "1") == 1
     assert sk.fast_pool_(nn.MaxPool2d(2)) == 0  # the model itself cannot be replaced in place
+
+
+@pytest.mark.parametrize("fmt", [False, True])
+@pytest.mark.parametrize("stride", [(1, 2 ** 24), (2 ** 24, 1), (2 ** 30, 2 ** 30), (3, 7)])
+def test_strides_beyond_the_input(fmt, stride):
+    # One output column whatever the stride: the NCHW scratch row was (Wo + 16) * stride elements
+    # (2 GB for 2^24)
+    x = _fmt(torch.randn(2, 3, 5, 6), fmt)
+    for k, p, ceil in ((1, 0, False), (2, 1, True), (3, 1, False)):
+        ref = F.max_pool2d(x, k, stride, p, ceil_mode=ceil)
+        assert torch.equal(sk.ops.max_pool2d(x, k, stride, p, ceil), ref)

@@ -878,16 +878,22 @@ struct Layout {
   }
 };
 
+// a * b, or INT64_MAX where that overflows (the layout's size then fails set_table's check)
+inline int64_t mul_saturated(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+}
+
 inline Layout make_layout(int64_t C, int64_t kh, int64_t kw, int64_t sh, int64_t band_rows,
                           int64_t out_cols) {
   Layout l;
   l.sh = sh;
   l.pitch = round_up(std::max<int64_t>(out_cols, 1), kVec);
   l.plane_rows = band_rows + (kh - 1) / sh;
-  l.plane = l.pitch * l.plane_rows;
-  l.phase_stride = C * l.plane;
-  l.copy_stride = sh * l.phase_stride;
-  l.elems = kw * l.copy_stride;
+  l.plane = mul_saturated(l.pitch, l.plane_rows);
+  l.phase_stride = mul_saturated(C, l.plane);
+  l.copy_stride = mul_saturated(sh, l.phase_stride);
+  l.elems = mul_saturated(kw, l.copy_stride);
   return l;
 }
 
@@ -1433,8 +1439,23 @@ inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const Str
   g.ph = padding[0];
   g.pw = padding[1];
   TORCH_CHECK(g.C >= 1, op, ": x must have at least one channel");
+  // Every size below 2^31 (the kernels address a band with 32-bit offsets anyway), so that the
+  // sums and products below cannot wrap: 2 * padding of 2^63 - 1 once made a wrong output shape.
+  constexpr int64_t big = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(g.H <= big && g.W <= big && g.kh <= big && g.kw <= big && g.ph <= big && g.pw <= big,
+              op, ": x's height / width, kernel_size and padding must be < 2^31, got x ",
+              x.sizes(), ", kernel_size ", kernel_size, ", padding ", padding);
   TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op,
               ": kernel_size ", kernel_size, " is larger than the padded input ", x.sizes());
+  // One weight position per (ci, ky, kx) in an int32-indexed table, checked before it is sized
+  // (C * kh * kw of 2^64 once wrapped to 0).
+  TORCH_CHECK(g.C <= big / (g.kh * g.kw), op, ": input too large for 32-bit address offsets (",
+              g.C, " channels x ", g.kh, " x ", g.kw, " kernel)");
+  // A stride beyond the padded input leaves one output row / column whatever its value; the band
+  // layout holds `stride` row phases, so it takes the smallest stride with the same output (2^60
+  // once wrapped the layout's size and overran it).
+  g.sh = std::min(g.sh, g.H + 2 * g.ph - g.kh + 1);
+  g.sw = std::min(g.sw, g.W + 2 * g.pw - g.kw + 1);
   g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
   return g;

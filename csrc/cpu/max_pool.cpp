@@ -64,10 +64,15 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size, a
               ": kernel_size must be two positive ints, got ", kernel_size);
   TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
               ": stride must be two positive ints, got ", stride);
+  // padding <= kernel / 2 (torch's rule), tested without multiplying: 2 * padding can wrap
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 &&
-                  2 * padding[0] <= kernel_size[0] && 2 * padding[1] <= kernel_size[1],
+                  padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2,
               op, ": padding must be two ints in [0, kernel_size / 2], got ", padding,
               " for kernel_size ", kernel_size);
+  // as torch: an empty image has no window to pool, even when padded (its padded rows would be
+  // read from an empty x)
+  TORCH_CHECK(x_in.size(2) >= 1 && x_in.size(3) >= 1, op,
+              ": x must have at least one row and one column, got ", x_in.sizes());
   PoolGeom g{x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), kernel_size[0], kernel_size[1],
              stride[0], stride[1], padding[0], padding[1], 0, 0};
   TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op, ": kernel_size ", kernel_size,

@@ -75,7 +75,8 @@ void max_rows(const T* src, int64_t stride, int64_t nrows, int64_t len, T* dst, 
 }
 
 // NCHW columns: out[ox] = max over kx < kw of row[ox * sw + kx], ox < Wo, where row is the
-// -inf-padded reduced row (readable up to (Wo + 16) * sw + kw + 32 elements).
+// -inf-padded reduced row (plane_scratch: readable up to (Wo + 16) * sw + kw + 32 elements when
+// sw <= 2, whole 16-column blocks; up to (Wo - 1) * sw + kw otherwise).
 template <typename T>
 void max_cols_nchw(const T* row, int64_t kw, int64_t sw, int64_t Wo, T* out, bool wide) {
 #if defined(__AVX512F__)
@@ -224,10 +225,14 @@ inline bool fast3s2_applies(const PoolGeom& g, bool wide) {
          g.sw == 2 && g.ph == 0 && g.pw == 0 && pool_fast_enabled();
 }
 
-// Scratch row of pool_plane_rows for geometry g (-inf padded; see max_cols_nchw).
+// Scratch row of pool_plane_rows for geometry g (-inf padded; see max_cols_nchw): the padded
+// input row, and what max_cols_nchw reads. Not (Wo + 16) * sw for every stride: a stride of 2^24
+// made that 2 GB for a one-column output.
 template <typename T>
 inline std::vector<T> plane_scratch(const PoolGeom& g) {
-  return std::vector<T>((g.Wo + 16) * g.sw + g.kw + 32, -std::numeric_limits<T>::infinity());
+  const int64_t cols = g.sw <= 2 ? (g.Wo + 16) * g.sw : (g.Wo - 1) * g.sw;
+  const int64_t n = std::max(cols + g.kw, g.pw + g.W) + 32;
+  return std::vector<T>(static_cast<size_t>(n), -std::numeric_limits<T>::infinity());
 }
 
 // One plane: x rows of g.W elements (contiguous), y rows of g.Wo elements. fast3s2 from
