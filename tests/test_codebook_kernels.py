@@ -317,6 +317,27 @@ def test_conv2d_channels_last_squeeze_l1_blocks(threads):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv2d_channels_last_squeeze_of_a_wide_map_in_short_bands(threads):
+    """A squeeze-like layer over a channels_last x of >= 32 columns runs in bands of <= 96 KB of
+    packed channels (>= 160 pixels): many bands, each transposed and consumed alone. All channels
+    packed (unstructured) or only the used ones (block-pruned at 10 %: the gathers); widths that
+    leave a partial last vector per band; a pixel stride > C (a channel slice of a wider x)."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for quads, density in ((False, 0.3), (True, 0.1)):
+            L = make_layer(16, 120, density, 6, seed=5, quads=quads)
+            for H, W in ((19, 55), (7, 37)):
+                wide = torch.randn(2, 136, H, W).contiguous(memory_format=torch.channels_last)
+                for x in (wide[:, :120], wide[:, 16:].contiguous(memory_format=torch.channels_last)):
+                    _poison((2, 16, H, W), torch.float32)
+                    _close(co.codebook_conv2d(x, *args(L), 1, 1, 0, True),
+                           _conv_ref(x, L, 120, (1, 1), 1, 0, True))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_conv2d_large_batch_threads():
     C, O = 16, 32
     L = make_layer(O, C * 9, 0.33, 6)

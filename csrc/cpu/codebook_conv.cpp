@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -18,6 +19,10 @@ namespace codebook {
 
 namespace {
 constexpr int64_t kBandBytes = 384 * 1024;  // packed input band budget per task (L2: 1 MB a core)
+// A flat layer over a channels_last x: bands of the packed (transposed) channels within this, but
+// of at least kClBandMinPixels pixels (see conv_forward_t).
+constexpr int64_t kClBandBytes = 96 * 1024;
+constexpr int64_t kClBandMinPixels = 160;
 
 
 // codebook_conv2d_global_avg_pool's sink: instead of storing a tile, adds act(tile + bias) over
@@ -103,6 +108,10 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   const int64_t nthreads = at::get_num_threads();
   ConvRows<T> cr = conv_rows(op, s, g, cb, k);
   Rows<T>& L = cr.L;
+  const bool cl_input = pixel_major(xs[1], xs[3]) && C > 4;
+  // channels_last x: pack only the channels the rows reach (when few are; see used_channels)
+  std::vector<uint8_t> used_keep;
+  const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k, cl_input, g.H * g.W, used_keep);
 
   // Bands of output rows: the packed band fits the budget; enough (image, band) tasks for the
   // threads; split output channels only when there are still too few.
@@ -116,7 +125,6 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // 0.97-1.01x): channels_last squeezes 1.08-1.32x, 1x1 expands 0.98-1.28x (mostly 1.02-1.09x),
   // 3x3 expands 1.00-1.16x, the classifier 1.06-1.18x; NCHW squeezes 1.02-1.15x. (NCHW 1x1
   // expands in bands: 0.63-0.94x.)
-  const bool cl_input = pixel_major(xs[1], xs[3]) && C > 4;
   const bool one_tile = g.Ho * row_pitch <= k.tile && g.O >= 16 * nthreads && !cl_input &&
                         !(C > 4 && g.O <= C);
   // Such a flat map stays one band even when its packed input exceeds the budget (up to twice
@@ -136,9 +144,23 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
   // same-process A/B, 2 threads, SqueezeNet 1.1's 27x27 expand3x3 unstructured 1.04-1.16x (block-4
   // 0.99-1.03x), 55x55 expand3x3 and conv1 0.96-1.04x. (Bands of one tile's rows, 4 at 55x55, as
   // the Fire takes: 55x55 0.93-0.99x, conv1 0.86-1.01x.) AVX-512 float kernels only (their tile).
-  const int64_t bmax = k.wide && !flat && g.Ho * row_pitch > k.tile
-                           ? std::min(bmax_budget, std::max<int64_t>(8, k.tile / row_pitch))
-                           : bmax_budget;
+  int64_t bmax = k.wide && !flat && g.Ho * row_pitch > k.tile
+                     ? std::min(bmax_budget, std::max<int64_t>(8, k.tile / row_pitch))
+                     : bmax_budget;
+  // A flat squeeze-like layer (O <= C) over a wide channels_last x transposes each band into its
+  // buffer and then reads it back tile by tile: bands of at most kClBandBytes of packed channels
+  // (the used ones, see used_channels), but of >= kClBandMinPixels pixels (shorter tiles cost more
+  // per entry than the smaller buffer saves). The 384 KB budget gave 128 channels 672-pixel bands
+  // of 344 KB. Same-process A/B, 2 threads, 21 rounds, the 55x55 squeezes of SqueezeNet 1.0 / 1.1
+  // in channels_last at 10 / 33 / 100 %, unstructured and block-4 (30 cases): 128 input channels
+  // 1.00-1.15x, 96 0.99-1.08x, 64 0.94-1.05x, geometric mean 1.04x. Not for narrower maps (27x27
+  // squeezes, 6-row bands: 0.92-1.06x) or the 1x1 expands (0.93-1.09x, mean ~1.0).
+  if (flat && cl_input && k.wide && g.O <= C && g.W >= 32) {
+    int64_t packed = C;
+    if (used) packed = std::count_if(used, used + C, [](uint8_t u) { return u != 0; });
+    const int64_t row_packed = std::max<int64_t>(1, packed * g.W * static_cast<int64_t>(sizeof(T)));
+    bmax = std::min(bmax, std::max(kClBandBytes / row_packed, ceil_div(kClBandMinPixels, g.W)));
+  }
   int64_t nb = ceil_div(g.Ho, bmax);
   if (g.N * nb < nthreads && !one_tile) nb = std::min(g.Ho, ceil_div(nthreads, g.N));
   int64_t B = ceil_div(g.Ho, nb);
@@ -186,9 +208,6 @@ void conv_forward_t(const T* x, const int64_t* xs, const ConvGeom& g, const Stre
                         channel_offsets_fit(C, xs[1], g.H * g.W);
   std::vector<int32_t> t_x;
   const Rows<T> L_x = channel_offset_rows(L, C, xs[1], in_place, t_x);
-  // channels_last x: pack only the channels the rows reach (when few are; see used_channels)
-  std::vector<uint8_t> used_keep;
-  const uint8_t* used = used_channels(L, g.O, C, g.kh * g.kw, k, cl_input, g.H * g.W, used_keep);
   const int64_t tasks = g.N * nb * ob;
   std::vector<T> sums(mean_out ? static_cast<size_t>(g.N * nb * g.O) : 0, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
