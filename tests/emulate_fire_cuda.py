@@ -12,8 +12,8 @@ memory layout) -- and runs it on small odd shapes against the float64 reference.
   * every shared-memory access is inside the launched dynamic smem size;
   * every shared-memory read returns an element written with the same address and element size
     (no read of stale / type-punned / never-written data, e.g. WMMA padding rows or columns);
-  * no read-after-write or write-after-write between different threads (warps for WMMA) inside
-    one barrier phase (phases are separated by the kernel's __syncthreads());
+  * no read-after-write, write-after-read or write-after-write between different threads (warps
+    for WMMA) inside one barrier phase (phases are separated by the kernel's __syncthreads());
   * WMMA pointers are 32-byte aligned and ldm is a multiple of 16 bytes;
   * every global load is inside the tensor's storage; every output element is written exactly
     once (the output storage starts as NaN);
@@ -58,7 +58,8 @@ class Smem:
         self.wphase = np.full(nbytes, -1, np.int64)
         self.wagent = np.full(nbytes, -1, np.int64)
         self.phase = 0
-        self.phase_writes = []                       # (addr, esz, agent) arrays of this phase
+        self.phase_writes = []                       # (bytes, agents) arrays of this phase
+        self.phase_reads = []                        # (bytes, agents) arrays of this phase
 
     def barrier(self):
         # write-write conflicts of the phase that ends
@@ -70,7 +71,19 @@ class Smem:
             dup = (a[1:] == a[:-1]) & (g[1:] != g[:-1])
             if dup.any():
                 raise EmuError(f"write-write race at smem byte {a[1:][dup][0]} in phase {self.phase}")
+            # write-after-read: a byte read and (later) written by different agents in one phase
+            # (read-after-write is caught at the read). Each written byte has one writer here.
+            if self.phase_reads:
+                rb = np.concatenate([r[0] for r in self.phase_reads])
+                ra = np.concatenate([r[1] for r in self.phase_reads])
+                i = np.minimum(np.searchsorted(a, rb), a.size - 1)
+                war = (a[i] == rb) & (g[i] != ra)
+                if war.any():
+                    raise EmuError(f"write-after-read race at smem byte {rb[war][0]} in phase "
+                                   f"{self.phase} (read by agent {ra[war][0]}, written by agent "
+                                   f"{g[i][war][0]} with no barrier between)")
         self.phase_writes = []
+        self.phase_reads = []
         self.phase += 1
 
     def _check_bounds(self, addr, esz, what):
@@ -114,6 +127,7 @@ class Smem:
                 i = np.nonzero(race)[0][0]
                 raise EmuError(f"{what}: read-after-write race at smem byte {addr[i] + k} "
                                f"(written by agent {self.wagent[b][i]} in the same phase)")
+        self.phase_reads.append((np.concatenate([addr + k for k in range(esz)]), np.tile(agent, esz)))
         return self.val[addr].reshape(shape)
 
 

@@ -136,7 +136,10 @@ template <> struct Elem<c10::BFloat16> { using dev = __nv_bfloat16; };
 template <typename T> struct UsesTensorCores { static constexpr bool value = true; };
 template <> struct UsesTensorCores<float> { static constexpr bool value = false; };
 
-__device__ __forceinline__ float relu_f(float v) { return v > 0.f ? v : 0.f; }
+// max(0, v) that keeps a NaN (as torch.relu and the CPU kernels: `v > 0 ? v : 0` turned a NaN
+// input into 0). Padded / out-of-tile lanes are zeroed or dropped before or after, so no NaN
+// reaches an output element that the inputs do not.
+__device__ __forceinline__ float relu_f(float v) { return v < 0.f ? 0.f : v; }
 
 // Stage x[n, c0:c0+CC, halo rows/cols] into xs[hpos*ldX + c] (zero outside the image / channel
 // range / halo), and w_sq[s0:s0+SC, c0:c0+CC] into ws[s*ldX + c] (zero outside).
@@ -643,7 +646,11 @@ void launch_fire(const at::Tensor& x, const at::Tensor& w_sq, const c10::optiona
   TORCH_CHECK(unit(b_sq) && unit(b_e1) && unit(b_e3),
               "fused_fire (CUDA): bias vectors must be contiguous");
 
-  TORCH_CHECK(geo.in_channels < INT32_MAX && geo.height < INT32_MAX && geo.width < INT32_MAX &&
+  // int32 loop and tile arithmetic: c0 + CC, H + MAX_TH - 1 and W + TW - 1 must not wrap
+  // (a channel count within 32 of INT32_MAX made the staging loop run forever)
+  constexpr int64_t kRoom = 64;
+  TORCH_CHECK(geo.in_channels < INT32_MAX - kRoom && geo.height < INT32_MAX - kRoom &&
+                  geo.width < INT32_MAX - kRoom &&
                   geo.squeeze < INT32_MAX / 16 && geo.expand1 < INT32_MAX / 2 &&
                   geo.expand3 < INT32_MAX / 2 && geo.batch < INT32_MAX,
               "fused_fire (CUDA): sizes too large");
