@@ -158,3 +158,17 @@ def test_fire_with_relu_before_the_pool_is_left_alone():
     fire = sk.CodebookFire(8, 2, 4, 4)
     seq = nn.Sequential(fire, nn.ReLU(), nn.MaxPool2d(2))
     assert sk.fold_pool_(seq) == 0 and fire.pool is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_strides_beyond_the_map(channels_last):
+    # One pooled row / column whatever the stride (2^63 - 1 with ceil_mode once wrapped the
+    # pooled-size arithmetic; 2^24 once sized an NCHW scratch row of 2^24 * 17 elements)
+    layers = _layers(12, 5, 3, 4, 0.5, seed=9)
+    x = torch.randn(2, 12, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for ps, ceil in (((2 ** 24, 2 ** 62), False), ((2 ** 63 - 1, 3), True), ((5, 2 ** 40), True)):
+        y = co.codebook_fused_fire_max_pool(x, *_flat(layers), 3, ps, ceil)
+        ref = _ref(x, layers, 3, [min(s, 2 ** 30) for s in ps], ceil)  # torch takes < 2^31
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))

@@ -960,9 +960,12 @@ def test_extreme_geometry_is_computed_or_refused_cleanly(fmt):
         torch.testing.assert_close(co.codebook_conv2d(x, *args(L), 3, s, 1, False),
                                    _conv_ref(x, L, 8, (3, 3), s, (1, 1), False).float(),
                                    rtol=1e-5, atol=1e-5)
-        pooled = co.codebook_conv2d_max_pool(x, *args(L), 3, s, 1, True, 1, 2 ** 24)
-        ref = F.max_pool2d(_conv_ref(x, L, 8, (3, 3), s, (1, 1), True), 1, 2 ** 24)
-        torch.testing.assert_close(pooled, ref.float(), rtol=1e-5, atol=1e-5)
+        conv = _conv_ref(x, L, 8, (3, 3), s, (1, 1), True)
+        for ps, ceil in ((2 ** 24, False), (2 ** 63 - 1, True), (2 ** 62, False)):
+            # (2^63 - 1 with ceil_mode: `span + s - 1` wrapped, a SIGFPE in the band arithmetic)
+            pooled = co.codebook_conv2d_max_pool(x, *args(L), 3, s, 1, True, 1, ps, ceil)
+            ref = F.max_pool2d(conv, 1, min(ps, 2 ** 30), ceil_mode=ceil)  # the same one window
+            torch.testing.assert_close(pooled, ref.float(), rtol=1e-5, atol=1e-5)
     e = torch.zeros(0, dtype=torch.uint8)
     empty = (torch.ones(1), e, e, torch.zeros(1, dtype=torch.int32), None)
     with pytest.raises(RuntimeError, match="< 2\\^31"):

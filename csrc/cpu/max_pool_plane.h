@@ -24,8 +24,11 @@ namespace pool {
 
 // torch's pooling_output_shape (dilation 1): with ceil_mode the last window must start inside the
 // input or its left padding.
+// (in + 2p - k as a quotient and remainder: `+ s - 1` for the ceiling wrapped for strides near
+// 2^63, a SIGFPE in the fused conv + pool's band arithmetic.)
 inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, bool ceil_mode) {
-  const int64_t out = (in + 2 * p - k + (ceil_mode ? s - 1 : 0)) / s + 1;
+  const int64_t span = in + 2 * p - k;  // >= 0, checked by the callers
+  const int64_t out = span / s + (ceil_mode && span % s != 0 ? 1 : 0) + 1;
   return ceil_mode && (out - 1) * s >= in + p ? out - 1 : out;
 }
 
