@@ -111,6 +111,9 @@ class _CodebookLayer(nn.Module):
         if dense.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(dense.bias)
+            self.bias.requires_grad_(dense.bias.requires_grad)
+        # a frozen layer stays frozen: fine-tuning must not move its centroids
+        self.codebook.requires_grad_(dense.weight.requires_grad)
         self.train(dense.training)
         return self
 
@@ -181,6 +184,8 @@ class CodebookConv2d(_CodebookLayer):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not _kernels_cover(x):
             return self.forward_reference(x)
         # The op's streams fit any input with at least the channels they address, so the layer
@@ -312,18 +317,29 @@ def fold_relu_(model: nn.Module) -> int:
     """In every nn.Sequential of `model`, a CodebookConv2d / CodebookLinear directly followed by an
     nn.ReLU takes the ReLU into its kernel (the layer's `relu` flag; the ReLU becomes nn.Identity,
     so module names and the state_dict are unchanged). Saves a pass over the output (SqueezeNet:
-    conv1 and the classifier conv). Returns the number of folds."""
+    conv1 and the classifier conv). A layer used in more than one place is left as it is (the
+    flag would apply at every use); a forward that keeps the layer's own output (before the ReLU)
+    would see it after. Returns the number of folds."""
     folds = 0
+    shared = _shared_modules(model)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             layer, act = seq._modules[a], seq._modules[b]
             if isinstance(layer, (CodebookConv2d, CodebookLinear)) and not layer.relu \
-                    and type(act) is nn.ReLU:
+                    and type(act) is nn.ReLU and id(layer) not in shared:
                 layer.relu = True
                 seq._modules[b] = _identity_like(act)
                 folds += 1
     return folds
+
+
+def _shared_modules(model: nn.Module) -> set:
+    """ids of the modules reachable by more than one path of `model` (used in several places)."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+    return shared
 
 
 def _identity_like(folded: nn.Module) -> nn.Module:
@@ -360,14 +376,16 @@ def fold_pool_(model: nn.Module) -> int:
     stored). nn.Identity may sit between them, and for a conv also nn.ReLU, which is folded too
     (see fold_relu_). The folded modules become nn.Identity, so module names and the state_dict
     are unchanged. SqueezeNet: every max-pool (after conv1 and after two Fires) and the
-    classifier's average pool. Returns the number of pools folded."""
+    classifier's average pool. As in fold_relu_, a layer used in more than one place is left as
+    it is. Returns the number of pools folded."""
     folds = 0
+    shared = _shared_modules(model)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, a in enumerate(names):
             layer = seq._modules[a]
             if not isinstance(layer, (CodebookConv2d, CodebookFire)) or layer.pool is not None \
-                    or getattr(layer, "global_pool", False):
+                    or getattr(layer, "global_pool", False) or id(layer) in shared:
                 continue
             j, relus = i + 1, []
             while j < len(names) and type(seq._modules[names[j]]) in (nn.ReLU, nn.Identity):

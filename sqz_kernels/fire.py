@@ -7,7 +7,7 @@ from torch import nn
 from . import ops
 from ._modules import replace_submodule
 
-__all__ = ["FusedFire", "EagerFire", "is_fire_like", "fuse_fire_"]
+__all__ = ["FusedFire", "EagerFire", "is_fire_like", "is_plain_fire", "fuse_fire_"]
 
 
 def is_fire_like(m: nn.Module) -> bool:
@@ -23,6 +23,44 @@ def is_fire_like(m: nn.Module) -> bool:
 
     return (plain(sq, 1, 0) and plain(e1, 1, 0) and plain(e3, 3, 1)
             and e1.in_channels == sq.out_channels and e3.in_channels == sq.out_channels)
+
+
+_FIRE_CHILDREN = ("squeeze", "squeeze_activation", "expand1x1", "expand1x1_activation", "expand3x3",
+                  "expand3x3_activation")
+
+
+def _known_fire_forwards():
+    forwards = {EagerFire.forward, FusedFire.forward}
+    try:
+        from torchvision.models.squeezenet import Fire
+        forwards.add(Fire.forward)
+    except ImportError:  # torchvision is optional
+        pass
+    return forwards
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, h, None) for h in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def is_plain_fire(m: nn.Module) -> bool:
+    """True for a Fire whose forward is known to be the Fire computation: fire-like (see
+    is_fire_like), of a class whose forward is torchvision's Fire's, EagerFire's or FusedFire's,
+    with exactly torchvision's six children (three plain nn.Conv2d, three nn.ReLU) and no hooks on
+    it or them. fuse_fire_ and compress replace only these: a subclass that adds a BatchNorm or a
+    residual, swaps the concat or drops a ReLU computes something else, and a hook would be lost.
+    FusedFire.from_fire takes any Fire-like module (the caller vouches for its forward)."""
+    if not is_fire_like(m) or type(m).forward not in _known_fire_forwards():
+        return False
+    kids = dict(m.named_children())
+    if set(kids) != set(_FIRE_CHILDREN):
+        return False
+    convs = [kids[n] for n in ("squeeze", "expand1x1", "expand3x3")]
+    acts = [kids[n] for n in ("squeeze_activation", "expand1x1_activation", "expand3x3_activation")]
+    return (all(type(c).forward is nn.Conv2d.forward for c in convs)
+            and all(type(a) is nn.ReLU for a in acts)
+            and not any(_has_hooks(x) for x in (m, *convs, *acts)))
 
 
 class EagerFire(nn.Module):
@@ -44,11 +82,19 @@ class EagerFire(nn.Module):
                           self.expand3x3_activation(self.expand3x3(x))], 1)
 
 
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class FusedFire(EagerFire):
     """Fire module (squeeze 1x1 + ReLU -> expand 1x1 + ReLU || expand 3x3 + ReLU -> concat) as one
     kernel. Same constructor, children and state_dict keys as torchvision's Fire."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.dtype not in (_CUDA_DTYPES if x.is_cuda else _CPU_DTYPES):
+            # what the kernels do not cover (an unbatched or half CPU input): the eager Fire
+            # this module replaces, on the same parameters
+            return super().forward(x)
         return ops.fused_fire(x, self.squeeze.weight, self.squeeze.bias, self.expand1x1.weight,
                               self.expand1x1.bias, self.expand3x3.weight, self.expand3x3.bias)
 
@@ -93,16 +139,27 @@ class FusedFire(EagerFire):
         return "fused"
 
 
-def fuse_fire_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> int:
-    """Replace, in place, every Fire-like submodule of `model` (not already fused) by a FusedFire
-    that shares its parameters. `filter_fn(name, module)` may veto a swap. Returns the count."""
+def fuse_fire_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
+               fire_like: bool = False) -> int:
+    """Replace, in place, every plain Fire submodule of `model` (see is_plain_fire; not already
+    fused) by a FusedFire that shares its parameters, at every path it is reachable by (a Fire
+    used twice stays one module). `filter_fn(name, module)` may veto a swap. Other Fire-like
+    modules (a user's own Fire class, one with extra layers or another forward) are left alone
+    unless fire_like=True: then the caller vouches that each computes the Fire (as with
+    FusedFire.from_fire). Returns the count."""
+    accept = is_fire_like if fire_like else is_plain_fire
+    paths = {}  # id -> every path of the module
+    for name, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(name)
     swaps = []
     for name, mod in model.named_modules():
-        if mod is model or isinstance(mod, FusedFire) or not is_fire_like(mod):
+        if mod is model or isinstance(mod, FusedFire) or not accept(mod):
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             continue
-        swaps.append(name)
-    for name in swaps:
-        replace_submodule(model, name, FusedFire.from_fire(model.get_submodule(name)))
+        swaps.append((mod, paths[id(mod)]))
+    for mod, names in swaps:
+        fused = FusedFire.from_fire(mod)
+        for name in names:
+            replace_submodule(model, name, fused)
     return len(swaps)

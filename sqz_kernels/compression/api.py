@@ -27,18 +27,47 @@ def _supported_conv(m: nn.Conv2d) -> bool:
             and not isinstance(m.padding, str))
 
 
+# Modules whose forward reads their Linear children's .weight / .bias directly (attention's
+# projections, the encoder / decoder layers' fast paths) instead of calling them
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _unsupported(name: str, m: nn.Module, parents: Dict[str, nn.Module]) -> Optional[str]:
+    """Why the Conv2d / Linear `m` cannot become a Codebook layer, or None."""
+    from ..fire import _has_hooks
+    if type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward):
+        return f"{type(m).__name__} has its own forward"
+    parent = parents.get(name.rpartition(".")[0])
+    if isinstance(parent, _READS_WEIGHTS):
+        return f"read by {type(parent).__name__} through its .weight"
+    if _has_hooks(m):
+        return "has forward / backward hooks (a new module would drop them)"
+    if isinstance(m, nn.Conv2d) and not _supported_conv(m):
+        return "groups / dilation / padding mode / string padding not supported"
+    return None
+
+
 def compressible_layers(model: nn.Module, filter_fn=None) -> Tuple[Dict[str, nn.Module], List[str], List[str]]:
-    """(layers: name -> Conv2d/Linear to compress, fire names, skipped names). A Fire-like
-    module (sqz_kernels.fire.is_fire_like) is compressed whole or not at all: if filter_fn
-    vetoes one of its convs, all three stay dense."""
-    from ..fire import is_fire_like
+    """(layers: name -> Conv2d/Linear to compress, fire names, skipped names). A plain Fire
+    (sqz_kernels.fire.is_plain_fire) is compressed whole or not at all: if filter_fn vetoes one
+    of its convs, all three stay dense. Skipped: convs the kernels do not run, subclasses with
+    their own forward, layers with hooks, and the Linear children of nn.MultiheadAttention and
+    the transformer layers (they read their .weight directly)."""
+    return _compressible(model, filter_fn)[:3]
+
+
+def _compressible(model: nn.Module, filter_fn):
+    """compressible_layers, plus {skipped name: why}."""
+    from ..fire import is_fire_like, is_plain_fire
     if is_fire_like(model):
         raise ValueError("compress: the model is itself a Fire module; wrap it (e.g. nn.Sequential(fire)) "
                          "so that it can be replaced by a CodebookFire")
     fires, layers, skipped = [], {}, []
+    why: Dict[str, str] = {}
     in_fire = set()
+    parents = dict(model.named_modules())
     for name, m in model.named_modules():
-        if m is not model and is_fire_like(m) and not any(name.startswith(f + ".") for f in fires):
+        if m is not model and is_plain_fire(m) and not any(name.startswith(f + ".") for f in fires):
             kids = [f"{name}.{c}" for c in ("squeeze", "expand1x1", "expand3x3")]
             if filter_fn is None or all(filter_fn(k, model.get_submodule(k)) for k in kids):
                 fires.append(name)
@@ -50,12 +79,14 @@ def compressible_layers(model: nn.Module, filter_fn=None) -> Tuple[Dict[str, nn.
             if name.rpartition(".")[0] in fires:
                 layers[name] = m
             continue
-        if isinstance(m, nn.Conv2d) and not _supported_conv(m):
+        reason = _unsupported(name, m, parents)
+        if reason is not None:
             skipped.append(name)
+            why[name] = reason
             continue
         if filter_fn is None or filter_fn(name, m):
             layers[name] = m
-    return layers, fires, skipped
+    return layers, fires, skipped, why
 
 
 def _per_layer(value, layers: Dict[str, nn.Module], default: Callable[[str, nn.Module], object],
@@ -120,9 +151,11 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
     p = PRESETS.get(preset, {})
     density = p.get("density") if density is None else density
     bits = p.get("bits") if bits is None else bits
-    layers, fires, skipped = compressible_layers(model, filter_fn)
+    layers, fires, skipped, why = _compressible(model, filter_fn)
     if not layers:
-        raise ValueError("compress: the model has no Conv2d / Linear layer to compress")
+        detail = "; ".join(f"{n}: {why[n]}" for n in skipped[:8]) if skipped else ""
+        raise ValueError("compress: the model has no Conv2d / Linear layer to compress"
+                         + (f" (skipped: {detail})" if detail else ""))
     dens = _per_layer(density, layers, lambda n, m: 1.0, "density", _prune._check_density)
     nbits = _per_layer(bits, layers, lambda n, m: DEFAULT_BITS[_kind(m)], "bits", _check_bits)
 
@@ -156,8 +189,14 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
 
 
 def _swap(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
+    """Each named module becomes its replacement at every path it is reachable by: a layer used
+    twice (shared weights) stays one module (named_modules lists it once)."""
+    paths = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
     for name, mod in mods.items():
-        replace_submodule(model, name, mod)
+        for path in paths[id(model.get_submodule(name))]:
+            replace_submodule(model, path, mod)
 
 
 def report(model: nn.Module, index_bits: Union[int, str] = "auto", codebook_dtype: str = "float32",

@@ -404,9 +404,13 @@ def load(source: Union[str, os.PathLike, bytes], model: nn.Module, strict: bool 
         if L["kind"] == "conv2d":
             m = CodebookConv2d(L["shape"][1], L["shape"][0], tuple(L["shape"][2:]), tuple(L["stride"]),
                                tuple(L["padding"]), bias=L["bias"], bits=L["bits"])
+            # a dense conv must be one the file's layer computes: groups, dilation and the padding
+            # mode are not in the file (a grouped or reflect-padded conv would silently change)
+            from .api import _supported_conv
             ok = isinstance(old, (nn.Conv2d, CodebookConv2d)) and tuple(old.kernel_size) == m.kernel_size \
                 and tuple(old.stride) == m.stride and tuple(getattr(old, "padding", ())) == m.padding \
-                and old.in_channels == m.in_channels and old.out_channels == m.out_channels
+                and old.in_channels == m.in_channels and old.out_channels == m.out_channels \
+                and (not isinstance(old, nn.Conv2d) or _supported_conv(old))
         else:
             m = CodebookLinear(L["shape"][1], L["shape"][0], bias=L["bias"], bits=L["bits"])
             ok = isinstance(old, (nn.Linear, CodebookLinear)) and old.in_features == m.in_features \
