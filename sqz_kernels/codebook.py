@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import codebook_ops, ops
 from .codebook_ops import _pair
+from ._modules import has_hooks
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
@@ -134,9 +135,10 @@ class _CodebookLayer(nn.Module):
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _kernels_cover(x: Tensor) -> bool:
-    # x.is_cpu, not x.device.type == "cpu": the latter builds a torch.device (~0.8 us)
-    return x.is_cpu and x.dtype in _KERNEL_DTYPES
+def _kernels_cover(x: Tensor, *params) -> bool:
+    # x.is_cpu, not x.device.type == "cpu": the latter builds a torch.device (~0.8 us). Under
+    # forward-mode AD (a tangent on x or a parameter) the reference path, which has a jvp.
+    return x.is_cpu and x.dtype in _KERNEL_DTYPES and not ops.has_tangent(x, *params)
 
 
 class CodebookConv2d(_CodebookLayer):
@@ -186,7 +188,7 @@ class CodebookConv2d(_CodebookLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if not _kernels_cover(x):
+        if not _kernels_cover(x, self.codebook, self.bias):
             return self.forward_reference(x)
         # The op's streams fit any input with at least the channels they address, so the layer
         # checks its own (as nn.Conv2d does); a wider input would run with zero weights.
@@ -237,7 +239,7 @@ class CodebookLinear(_CodebookLayer):
         return F.relu(y) if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_cover(x):
+        if not _kernels_cover(x, self.codebook, self.bias):
             return self.forward_reference(x)
         if x.dim() >= 1 and x.shape[-1] != self.in_features:  # see CodebookConv2d.forward
             raise RuntimeError(f"CodebookLinear: expected input with {self.in_features} features, "
@@ -298,7 +300,8 @@ class CodebookFire(nn.Module):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_cover(x):
+        if not _kernels_cover(x, *(p for c in (self.squeeze, self.expand1x1, self.expand3x3)
+                                   for p in (c.codebook, c.bias))):
             return self.forward_reference(x)
         if x.dim() == 4 and x.shape[1] != self.squeeze.in_channels:  # see CodebookConv2d.forward
             raise RuntimeError(f"CodebookFire: expected input with {self.squeeze.in_channels} "
@@ -327,7 +330,8 @@ def fold_relu_(model: nn.Module) -> int:
         for a, b in zip(names, names[1:]):
             layer, act = seq._modules[a], seq._modules[b]
             if isinstance(layer, (CodebookConv2d, CodebookLinear)) and not layer.relu \
-                    and type(act) is nn.ReLU and id(layer) not in shared:
+                    and type(act) is nn.ReLU and id(layer) not in shared \
+                    and not has_hooks(layer) and not has_hooks(act):
                 layer.relu = True
                 seq._modules[b] = _identity_like(act)
                 folds += 1
@@ -385,7 +389,8 @@ def fold_pool_(model: nn.Module) -> int:
         for i, a in enumerate(names):
             layer = seq._modules[a]
             if not isinstance(layer, (CodebookConv2d, CodebookFire)) or layer.pool is not None \
-                    or getattr(layer, "global_pool", False) or id(layer) in shared:
+                    or getattr(layer, "global_pool", False) or id(layer) in shared \
+                    or has_hooks(layer):
                 continue
             j, relus = i + 1, []
             while j < len(names) and type(seq._modules[names[j]]) in (nn.ReLU, nn.Identity):
@@ -397,6 +402,8 @@ def fold_pool_(model: nn.Module) -> int:
             mean = isinstance(layer, CodebookConv2d) and nxt is not None and _global_avg_pool(nxt)
             if spec is None and not mean:
                 continue
+            if any(has_hooks(seq._modules[names[k]]) for k in range(i + 1, j + 1)):
+                continue  # a hook on the pool or a ReLU between would be lost with it
             if relus and isinstance(layer, CodebookFire):
                 continue  # a Fire's output is already >= 0, but keep unusual graphs as they are
             for r in relus:  # ReLU is idempotent: any number of them folds into the flag

@@ -295,7 +295,8 @@ def _fire_pool_fake(x, *args):
 def _conv_setup(ctx, inputs, output):
     x, codebook, codes, gaps, row_counts, bias, kernel_size, stride, padding, relu = inputs
     ctx.geom = (list(kernel_size), list(stride), list(padding), bool(relu), bias is not None)
-    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, output if relu else None)
+    # the ReLU's mask, not the output: a caller may change the output in place (out += x)
+    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, output > 0 if relu else None)
 
 
 def _conv_backward(ctx, grad):
@@ -325,7 +326,7 @@ def _conv_grads(need, x, codebook, codes, gaps, row_counts, out, grad, kernel_si
     return gx, gcb, None, None, None, gb, None, None, None, None
 
 
-torch.library.register_autograd("sqz_kernels::codebook_conv2d", _conv_backward, setup_context=_conv_setup)
+torch.library.register_autograd("sqz_kernels::codebook_conv2d", _ops.autocast_off(_conv_backward), setup_context=_conv_setup)
 
 
 def _recompute_setup(ctx, inputs, output):
@@ -361,7 +362,7 @@ def _conv_pool_backward(ctx, grad):
     return grads + (None, None, None)
 
 
-torch.library.register_autograd("sqz_kernels::codebook_conv2d_max_pool", _conv_pool_backward,
+torch.library.register_autograd("sqz_kernels::codebook_conv2d_max_pool", _ops.autocast_off(_conv_pool_backward),
                                 setup_context=_conv_pool_setup)
 
 
@@ -370,14 +371,14 @@ def _conv_mean_backward(ctx, grad):
     return _recomputed_conv_grads(ctx, lambda y: (grad / (y.shape[2] * y.shape[3])).expand(y.shape))
 
 
-torch.library.register_autograd("sqz_kernels::codebook_conv2d_global_avg_pool", _conv_mean_backward,
+torch.library.register_autograd("sqz_kernels::codebook_conv2d_global_avg_pool", _ops.autocast_off(_conv_mean_backward),
                                 setup_context=_recompute_setup)
 
 
 def _linear_setup(ctx, inputs, output):
     x, codebook, codes, gaps, row_counts, bias, relu = inputs
     ctx.flags = (bool(relu), bias is not None)
-    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, output if relu else None)
+    ctx.save_for_backward(x, codebook, codes, gaps, row_counts, output > 0 if relu else None)
 
 
 def _linear_backward(ctx, grad):
@@ -399,14 +400,15 @@ def _linear_backward(ctx, grad):
     return gx, gcb, None, None, None, gb, None
 
 
-torch.library.register_autograd("sqz_kernels::codebook_linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("sqz_kernels::codebook_linear", _ops.autocast_off(_linear_backward), setup_context=_linear_setup)
 
 
 def _fire_setup(ctx, inputs, output):
     x = inputs[0]
     ctx.has_bias = tuple(inputs[i] is not None for i in (5, 10, 15))
+    # the Fire's ReLU mask, not its output: a bypass (out += x) changes the output in place
     ctx.save_for_backward(x, *inputs[1:5], *inputs[6:10], *inputs[11:15],
-                          *(b if b is not None else None for b in (inputs[5], inputs[10])), output)
+                          *(b if b is not None else None for b in (inputs[5], inputs[10])), output > 0)
 
 
 def _fire_backward(ctx, grad):
@@ -415,7 +417,7 @@ def _fire_backward(ctx, grad):
 
 def _fire_grads(need, has_bias, saved, grad):
     """Gradients of codebook_fused_fire's 16 inputs; saved = (x, the three streams without bias,
-    b_sq, b_e1, the Fire output)."""
+    b_sq, b_e1, the Fire output or its mask output > 0)."""
     (x, sq_cb, sq_codes, sq_gaps, sq_counts, e1_cb, e1_codes, e1_gaps, e1_counts,
      e3_cb, e3_codes, e3_gaps, e3_counts, b_sq, b_e1, out) = saved
     nn_grad = torch.nn.grad
@@ -448,7 +450,7 @@ def _fire_grads(need, has_bias, saved, grad):
             g_e3, None, None, None, gb_e3)
 
 
-torch.library.register_autograd("sqz_kernels::codebook_fused_fire", _fire_backward, setup_context=_fire_setup)
+torch.library.register_autograd("sqz_kernels::codebook_fused_fire", _ops.autocast_off(_fire_backward), setup_context=_fire_setup)
 
 
 def _fire_pool_setup(ctx, inputs, output):
@@ -468,5 +470,5 @@ def _fire_pool_backward(ctx, grad):
     return _fire_grads(ctx.needs_input_grad, ctx.has_bias, saved, gy) + (None, None, None)
 
 
-torch.library.register_autograd("sqz_kernels::codebook_fused_fire_max_pool", _fire_pool_backward,
+torch.library.register_autograd("sqz_kernels::codebook_fused_fire_max_pool", _ops.autocast_off(_fire_pool_backward),
                                 setup_context=_fire_pool_setup)

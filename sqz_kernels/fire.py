@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._modules import replace_submodule
+from ._modules import has_hooks, replace_submodule
 
 __all__ = ["FusedFire", "EagerFire", "is_fire_like", "is_plain_fire", "fuse_fire_"]
 
@@ -39,11 +39,6 @@ def _known_fire_forwards():
     return forwards
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, h, None) for h in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
-
-
 def is_plain_fire(m: nn.Module) -> bool:
     """True for a Fire whose forward is known to be the Fire computation: fire-like (see
     is_fire_like), of a class whose forward is torchvision's Fire's, EagerFire's or FusedFire's,
@@ -60,7 +55,7 @@ def is_plain_fire(m: nn.Module) -> bool:
     acts = [kids[n] for n in ("squeeze_activation", "expand1x1_activation", "expand3x3_activation")]
     return (all(type(c).forward is nn.Conv2d.forward for c in convs)
             and all(type(a) is nn.ReLU for a in acts)
-            and not any(_has_hooks(x) for x in (m, *convs, *acts)))
+            and not any(has_hooks(x) for x in (m, *convs, *acts)))
 
 
 class EagerFire(nn.Module):
@@ -91,9 +86,10 @@ class FusedFire(EagerFire):
     kernel. Same constructor, children and state_dict keys as torchvision's Fire."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.dtype not in (_CUDA_DTYPES if x.is_cuda else _CPU_DTYPES):
-            # what the kernels do not cover (an unbatched or half CPU input): the eager Fire
-            # this module replaces, on the same parameters
+        if x.dim() != 4 or x.dtype not in (_CUDA_DTYPES if x.is_cuda else _CPU_DTYPES) or \
+                ops.has_tangent(x, *self.parameters()):
+            # what the kernels do not cover (an unbatched or half CPU input, forward-mode AD):
+            # the eager Fire this module replaces, on the same parameters
             return super().forward(x)
         return ops.fused_fire(x, self.squeeze.weight, self.squeeze.bias, self.expand1x1.weight,
                               self.expand1x1.bias, self.expand3x3.weight, self.expand3x3.bias)

@@ -3,12 +3,14 @@
 The C++ side defines every schema once (csrc/registration.cpp); this file adds what torch needs to
 trace (register_fake) and differentiate (register_autograd) the ops. Minimum torch: 2.4.
 """
+import functools
 import threading
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad as _fwad
 
 from . import _C  # noqa: F401  (loads the .so, which registers the ops)
 
@@ -30,6 +32,26 @@ _RECORDER = None
 _thread_id = threading.get_ident
 
 
+def autocast_off(backward):
+    """A register_autograd backward run with autocast off (as torch.amp.custom_bwd does): a
+    backward called inside an autocast region had its recomputed convs / matmuls cast to bf16,
+    which then met float32 operands (oneDNN: no primitive; index_add_: dtype mismatch)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return backward(ctx, *grads)
+    return run
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level,
+    torch.func.jvp) and one of `tensors` carries a tangent. The ops have no forward-mode formula:
+    torch would drop the tangent silently, so the modules run their reference paths instead and
+    call_op refuses. (A global read when no level is open.)"""
+    return _fwad._current_level >= 0 and any(
+        t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def call_op(op, args, grad_inputs):
     """op(*args); straight to the backend kernel when grad mode is off or no tensor of
     `grad_inputs` requires grad (never while torch.compile traces: it sees the plain op call).
@@ -38,6 +60,10 @@ def call_op(op, args, grad_inputs):
     requires_grad, tensor subclasses and __torch_function__ modes, and returns NotImplemented
     when any of them needs torch.ops' handling. Those checks in C++ instead of here saved ~2 us a
     call (a generator over the inputs, torch.is_grad_enabled)."""
+    if _fwad._current_level >= 0 and has_tangent(*grad_inputs):
+        raise NotImplementedError(
+            f"sqz_kernels::{op.__name__}: no forward-mode AD (jvp / dual tensors); the sk modules "
+            "fall back to their reference paths there, the ops do not")
     rec = _RECORDER  # read once: another thread's trace may end meanwhile
     if rec is not None and rec[0] != _thread_id():
         rec = None  # only the tracing thread's calls belong to its trace
@@ -107,19 +133,20 @@ def _fused_fire_fake(x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3):
 def _setup_context(ctx, inputs, output):
     x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3 = inputs
     ctx.has_bias = (b_sq is not None, b_e1 is not None, b_e3 is not None)
-    ctx.save_for_backward(x, w_sq, b_sq, w_e1, b_e1, w_e3, output)
+    # the ReLU mask, not the output: a bypass (out += x) changes the output in place
+    ctx.save_for_backward(x, w_sq, b_sq, w_e1, b_e1, w_e3, output > 0)
 
 
 def _backward(ctx, grad_out):
     # The backward recomputes the squeeze activation with ATen ops (it is not kept by the fused
     # forward) and then follows the chain rule of the eager Fire exactly, computing only the
     # gradients that are needed.
-    x, w_sq, b_sq, w_e1, b_e1, w_e3, out = ctx.saved_tensors
+    x, w_sq, b_sq, w_e1, b_e1, w_e3, out_pos = ctx.saved_tensors
     need = ctx.needs_input_grad  # x, w_sq, b_sq, w_e1, b_e1, w_e3, b_e3
     e1 = w_e1.shape[0]
     nn_grad = torch.nn.grad
     s = F.relu(F.conv2d(x, w_sq, b_sq))
-    g = grad_out * (out > 0).to(grad_out.dtype)
+    g = grad_out * out_pos.to(grad_out.dtype)
     g1, g3 = g[:, :e1], g[:, e1:]
     gw_e1 = nn_grad.conv2d_weight(s, w_e1.shape, g1) if need[3] else None
     gw_e3 = nn_grad.conv2d_weight(s, w_e3.shape, g3, padding=1) if need[5] else None
@@ -135,7 +162,8 @@ def _backward(ctx, grad_out):
     return gx, gw_sq, gb_sq, gw_e1, gb_e1, gw_e3, gb_e3
 
 
-torch.library.register_autograd("sqz_kernels::fused_fire", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sqz_kernels::fused_fire", autocast_off(_backward),
+                                setup_context=_setup_context)
 
 
 def _int_pair(v, name: str) -> Tuple[int, int]:
@@ -191,7 +219,7 @@ def _max_pool2d_backward(ctx, grad_out):
     return (_max_pool_input_grad(grad_out, x, *ctx.pool), None, None, None, None)
 
 
-torch.library.register_autograd("sqz_kernels::max_pool2d", _max_pool2d_backward,
+torch.library.register_autograd("sqz_kernels::max_pool2d", autocast_off(_max_pool2d_backward),
                                 setup_context=_max_pool2d_setup)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._modules import replace_submodule
+from ._modules import has_hooks, replace_submodule
 
 __all__ = ["MaxPool2d", "fast_pool_"]
 
@@ -30,7 +30,8 @@ class MaxPool2d(nn.MaxPool2d):
     def _covered(self, x: torch.Tensor) -> bool:
         d = self.dilation
         return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
-                and not self.return_indices and (d == 1 if isinstance(d, int) else tuple(d) == (1, 1)))
+                and not self.return_indices and (d == 1 if isinstance(d, int) else tuple(d) == (1, 1))
+                and not ops.has_tangent(x))  # forward-mode AD: torch's pool has the jvp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._covered(x):
@@ -43,7 +44,7 @@ def fast_pool_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], 
     (no parameters, so state_dicts are unaffected). `filter_fn(name, module)` may veto a swap.
     Returns the count."""
     swaps = [name for name, mod in model.named_modules()
-             if mod is not model and type(mod) is nn.MaxPool2d
+             if mod is not model and type(mod) is nn.MaxPool2d and not has_hooks(mod)
              and (filter_fn is None or filter_fn(name, mod))]
     for name in swaps:
         replace_submodule(model, name, MaxPool2d.from_pool(model.get_submodule(name)))

@@ -179,3 +179,101 @@ def test_inputs_the_kernels_do_not_cover_run_the_eager_computation():
         u = x[0]  # unbatched [C, H, W], as nn.Conv2d takes
         torch.testing.assert_close(cb(u), cb(u.unsqueeze(0)).squeeze(0))
         assert cb(u).shape == conv(u).shape
+
+
+def _compressed_seq(seed=5):
+    torch.manual_seed(seed)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True))
+    sk.compress(seq, density=0.5, bits=4, progress=False)
+    return seq
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+@pytest.mark.parametrize("fold", ["relu", "pool", "fast_pool"])
+def test_folds_leave_modules_with_hooks_alone(where, fold):
+    # found by a review: the folds dropped hooks (a backward hook on the ReLU freezing the layers
+    # below, a forward hook on the pool scaling its output), changing gradients and outputs
+    seq = _compressed_seq()
+    seq[where].register_forward_hook(lambda m, i, o: o * 2)
+    x = torch.randn(2, 3, 15, 15)
+    with torch.no_grad():
+        ref = seq(x)
+        n = {"relu": sk.fold_relu_, "pool": sk.fold_pool_, "fast_pool": sk.fast_pool_}[fold](seq)
+        torch.testing.assert_close(seq(x), ref)
+    if fold == "relu" and where == 2:
+        assert n == 1  # the hooks are elsewhere: the fold is fine
+    if fold == "fast_pool":
+        assert n == (where != 2)
+
+
+def test_fire_outputs_changed_in_place_still_backpropagate():
+    # found by a review: the fused ops saved their output for the ReLU's mask, so a bypass
+    # (out += x, SqueezeNet's "simple bypass") or an in-place Dropout broke backward
+    class Bypass(nn.Module):
+        def __init__(self, fire):
+            super().__init__()
+            self.fire = fire
+
+        def forward(self, x):
+            o = self.fire(x)
+            o += x
+            return o
+
+    torch.manual_seed(6)
+    eager = Bypass(sk.EagerFire(16, 4, 8, 8))
+    for surgery in (sk.fuse_fire_, lambda m: sk.compress(m, density=0.5, bits=4, progress=False)):
+        m = copy.deepcopy(eager)
+        surgery(m)
+        ref = copy.deepcopy(m)
+        if isinstance(ref.fire, sk.FusedFire):
+            ref.fire = ref.fire.to_fire()
+        else:
+            ref.fire.forward = ref.fire.forward_reference
+        x = torch.randn(1, 16, 8, 8, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        m(x).square().sum().backward()
+        ref(x2).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    seq = _compressed_seq()
+    sk.fold_relu_(seq)  # the conv's own ReLU: its output changed in place afterwards
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    y = seq[0](x)
+    y += 1
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_forward_mode_ad_takes_the_reference_paths():
+    import torch.autograd.forward_ad as fwAD
+    from sqz_kernels import codebook_ops as co
+    torch.manual_seed(7)
+    conv = nn.Conv2d(8, 5, 3, padding=1)
+    cb = sk.CodebookConv2d.from_conv(conv, bits=8)
+    fire = sk.FusedFire(8, 4, 3, 3)
+    pool = sk.MaxPool2d(3, 2, ceil_mode=True)
+    x, t = torch.randn(1, 8, 7, 7), torch.randn(1, 8, 7, 7)
+    for mod, ref in ((cb, cb.forward_reference), (fire, fire.to_fire()),
+                     (pool, lambda u: F.max_pool2d(u, 3, 2, ceil_mode=True))):
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(mod(fwAD.make_dual(x, t))).tangent
+            want = fwAD.unpack_dual(ref(fwAD.make_dual(x, t))).tangent
+        assert got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the ops themselves have no jvp: they refuse instead of dropping the tangent
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        sk.ops.max_pool2d(fwAD.make_dual(x, t), 3, 2, 0, True)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda u: co.codebook_conv2d(u, cb.codebook.detach(), cb.codes, cb.gaps,
+                                                    cb.row_counts, None, 3, 1, 1, False), (x,), (t,))
+
+
+def test_backward_inside_autocast():
+    # found by a review: the Python backwards recompute convs / matmuls, which autocast turned to
+    # bf16 against float32 operands (oneDNN: no primitive; index_add_: dtype mismatch)
+    torch.manual_seed(8)
+    m = nn.Sequential(sk.EagerFire(8, 4, 6, 6), nn.Flatten(), nn.Linear(12 * 25, 3))
+    sk.compress(m, density=0.5, bits=4, progress=False)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y.float().sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

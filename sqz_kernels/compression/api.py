@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
-from .._modules import replace_submodule
+from .._modules import has_hooks, replace_submodule
 from . import container, prune as _prune
 from .finetune import run_finetune
 from .kmeans import INITS
@@ -34,13 +34,12 @@ _READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Transfor
 
 def _unsupported(name: str, m: nn.Module, parents: Dict[str, nn.Module]) -> Optional[str]:
     """Why the Conv2d / Linear `m` cannot become a Codebook layer, or None."""
-    from ..fire import _has_hooks
     if type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward):
         return f"{type(m).__name__} has its own forward"
     parent = parents.get(name.rpartition(".")[0])
     if isinstance(parent, _READS_WEIGHTS):
         return f"read by {type(parent).__name__} through its .weight"
-    if _has_hooks(m):
+    if has_hooks(m):
         return "has forward / backward hooks (a new module would drop them)"
     if isinstance(m, nn.Conv2d) and not _supported_conv(m):
         return "groups / dilation / padding mode / string padding not supported"
