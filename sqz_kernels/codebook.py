@@ -135,10 +135,12 @@ class _CodebookLayer(nn.Module):
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _kernels_cover(x: Tensor, *params) -> bool:
+def _kernels_cover(x: Tensor, module: nn.Module) -> bool:
     # x.is_cpu, not x.device.type == "cpu": the latter builds a torch.device (~0.8 us). Under
-    # forward-mode AD (a tangent on x or a parameter) the reference path, which has a jvp.
-    return x.is_cpu and x.dtype in _KERNEL_DTYPES and not ops.has_tangent(x, *params)
+    # forward-mode AD (a tangent on x or a parameter of `module`) the reference path, which has a
+    # jvp; the parameters are looked at only while a forward-AD level is open (~1-2 us a call).
+    return x.is_cpu and x.dtype in _KERNEL_DTYPES and not (
+        ops.fwad_open() and ops.has_tangent(x, *module.parameters()))
 
 
 class CodebookConv2d(_CodebookLayer):
@@ -188,7 +190,7 @@ class CodebookConv2d(_CodebookLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if not _kernels_cover(x, self.codebook, self.bias):
+        if not _kernels_cover(x, self):
             return self.forward_reference(x)
         # The op's streams fit any input with at least the channels they address, so the layer
         # checks its own (as nn.Conv2d does); a wider input would run with zero weights.
@@ -239,7 +241,7 @@ class CodebookLinear(_CodebookLayer):
         return F.relu(y) if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_cover(x, self.codebook, self.bias):
+        if not _kernels_cover(x, self):
             return self.forward_reference(x)
         if x.dim() >= 1 and x.shape[-1] != self.in_features:  # see CodebookConv2d.forward
             raise RuntimeError(f"CodebookLinear: expected input with {self.in_features} features, "
@@ -300,8 +302,7 @@ class CodebookFire(nn.Module):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _kernels_cover(x, *(p for c in (self.squeeze, self.expand1x1, self.expand3x3)
-                                   for p in (c.codebook, c.bias))):
+        if not _kernels_cover(x, self):
             return self.forward_reference(x)
         if x.dim() == 4 and x.shape[1] != self.squeeze.in_channels:  # see CodebookConv2d.forward
             raise RuntimeError(f"CodebookFire: expected input with {self.squeeze.in_channels} "

@@ -86,8 +86,8 @@ class FusedFire(EagerFire):
     kernel. Same constructor, children and state_dict keys as torchvision's Fire."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.dtype not in (_CUDA_DTYPES if x.is_cuda else _CPU_DTYPES) or \
-                ops.has_tangent(x, *self.parameters()):
+        if x.dim() != 4 or x.dtype not in (_CUDA_DTYPES if x.is_cuda else _CPU_DTYPES) or (
+                ops.fwad_open() and ops.has_tangent(x, *self.parameters())):
             # what the kernels do not cover (an unbatched or half CPU input, forward-mode AD):
             # the eager Fire this module replaces, on the same parameters
             return super().forward(x)

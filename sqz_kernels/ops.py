@@ -43,6 +43,11 @@ def autocast_off(backward):
     return run
 
 
+def fwad_open() -> bool:
+    """Whether a forward-mode AD level is open (one global read: the modules' per-call check)."""
+    return _fwad._current_level >= 0
+
+
 def has_tangent(*tensors) -> bool:
     """Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level,
     torch.func.jvp) and one of `tensors` carries a tangent. The ops have no forward-mode formula:
