@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import codebook_ops, ops
 from .codebook_ops import _pair
-from ._modules import has_hooks
+from ._modules import has_hooks, module_paths
 from .compression import resident
 from .compression.kmeans import kmeans_1d
 
@@ -341,10 +341,7 @@ def fold_relu_(model: nn.Module) -> int:
 
 def _shared_modules(model: nn.Module) -> set:
     """ids of the modules reachable by more than one path of `model` (used in several places)."""
-    seen, shared = set(), set()
-    for _, m in model.named_modules(remove_duplicate=False):
-        (shared if id(m) in seen else seen).add(id(m))
-    return shared
+    return {i for i, paths in module_paths(model).items() if len(paths) > 1}
 
 
 def _identity_like(folded: nn.Module) -> nn.Module:

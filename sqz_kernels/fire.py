@@ -1,11 +1,12 @@
 """FusedFire: a drop-in Fire module whose forward is one fused kernel, and model surgery."""
+import functools
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from ._modules import has_hooks, replace_submodule
+from ._modules import has_hooks, replace_everywhere
 
 __all__ = ["FusedFire", "EagerFire", "is_fire_like", "is_plain_fire", "fuse_fire_"]
 
@@ -29,6 +30,7 @@ _FIRE_CHILDREN = ("squeeze", "squeeze_activation", "expand1x1", "expand1x1_activ
                   "expand3x3_activation")
 
 
+@functools.lru_cache(maxsize=None)
 def _known_fire_forwards():
     forwards = {EagerFire.forward, FusedFire.forward}
     try:
@@ -144,18 +146,12 @@ def fuse_fire_(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], 
     unless fire_like=True: then the caller vouches that each computes the Fire (as with
     FusedFire.from_fire). Returns the count."""
     accept = is_fire_like if fire_like else is_plain_fire
-    paths = {}  # id -> every path of the module
-    for name, mod in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(mod), []).append(name)
-    swaps = []
+    swaps = {}
     for name, mod in model.named_modules():
         if mod is model or isinstance(mod, FusedFire) or not accept(mod):
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             continue
-        swaps.append((mod, paths[id(mod)]))
-    for mod, names in swaps:
-        fused = FusedFire.from_fire(mod)
-        for name in names:
-            replace_submodule(model, name, fused)
+        swaps[name] = FusedFire.from_fire(mod)
+    replace_everywhere(model, swaps)
     return len(swaps)

@@ -53,7 +53,7 @@ def has_tangent(*tensors) -> bool:
     torch.func.jvp) and one of `tensors` carries a tangent. The ops have no forward-mode formula:
     torch would drop the tangent silently, so the modules run their reference paths instead and
     call_op refuses. (A global read when no level is open.)"""
-    return _fwad._current_level >= 0 and any(
+    return fwad_open() and any(
         t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -65,7 +65,7 @@ def call_op(op, args, grad_inputs):
     requires_grad, tensor subclasses and __torch_function__ modes, and returns NotImplemented
     when any of them needs torch.ops' handling. Those checks in C++ instead of here saved ~2 us a
     call (a generator over the inputs, torch.is_grad_enabled)."""
-    if _fwad._current_level >= 0 and has_tangent(*grad_inputs):
+    if fwad_open() and has_tangent(*grad_inputs):
         raise NotImplementedError(
             f"sqz_kernels::{op.__name__}: no forward-mode AD (jvp / dual tensors); the sk modules "
             "fall back to their reference paths there, the ops do not")

@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
-from .._modules import has_hooks, replace_submodule
+from .._modules import has_hooks, replace_everywhere
 from . import container, prune as _prune
 from .finetune import run_finetune
 from .kmeans import INITS
@@ -173,29 +173,18 @@ def compress(model: nn.Module, density=None, bits=None, finetune=None, *, preset
             new[name] = CodebookLinear.from_linear(m, nbits[name], masks[name], init, kmeans_iters)
         else:
             new[name] = CodebookConv2d.from_conv(m, nbits[name], masks[name], init, kmeans_iters)
-    _swap(model, new)
+    replace_everywhere(model, new)
+    new_fires = {}
     for f in fires:
         convs = [model.get_submodule(f"{f}.{c}") for c in ("squeeze", "expand1x1", "expand3x3")]
-        fire = CodebookFire.from_codebook_convs(*convs)
-        fire.train(model.get_submodule(f).training)
-        _swap(model, {f: fire})
+        new_fires[f] = CodebookFire.from_codebook_convs(*convs).train(model.get_submodule(f).training)
+    replace_everywhere(model, new_fires)
 
     # 3. fine-tune the shared centroids (grouped gradient via the codebook gather)
     run_finetune(finetune, model, "finetune")
     r = report(model, index_bits=index_bits, codebook_dtype=codebook_dtype)
     r.skipped = skipped
     return r
-
-
-def _swap(model: nn.Module, mods: Dict[str, nn.Module]) -> None:
-    """Each named module becomes its replacement at every path it is reachable by: a layer used
-    twice (shared weights) stays one module (named_modules lists it once)."""
-    paths = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(name)
-    for name, mod in mods.items():
-        for path in paths[id(model.get_submodule(name))]:
-            replace_submodule(model, path, mod)
 
 
 def report(model: nn.Module, index_bits: Union[int, str] = "auto", codebook_dtype: str = "float32",
